@@ -1,0 +1,424 @@
+"""E2Former-V2: node-centric equivariant attention in which edges carry only scalars.
+
+The whole network, top to bottom (DESIGN §3, §4):
+
+    x = SpeciesEmbedding(Z) + DegreeEmbedding(neighbours)            # [N, (L+1)^2, C]
+    for block in blocks:                                              # pre-norm transformer
+        x = x + Attention(Norm(x) (+ charge/spin on l=0))
+        x = x + GatedFFN(Norm(x))
+    E_i = scale * MLP(Norm(x)[:, 0]) + E_ref[Z_i];  F_i = -dE/dr_i  (or a direct l=1 head)
+
+Attention. Query and key are invariants of the node features, so every edge-dependent
+quantity is a scalar per head: the logit s_ij = g_ij <q_i, k_j>/sqrt(d) + b_ij and the value
+weight phi_ij, with g, b, phi functions of (d_ij, Z_i, Z_j). The message is first order,
+m_i = sum_j alpha_ij x_j (x) R1(r̂_ij), with alpha_ij = phi_ij p(d_ij) e^{s_ij} /
+(eps + sum_j' p(d_ij') e^{s_ij'}), p the polynomial envelope and eps the attention sink.
+Two exact ways to evaluate it, same weights, same function (selected by `value_path`):
+
+  "moments" (B): the fused op aggregates M_i,c = sum_j alpha_ij r̂_ij,c x_j, then one
+                 Clebsch-Gordan contraction per node gives every path l1 (x) 1 -> l3.
+  "eaas"    (A): the paper's factorisation sum_j a_ij x_j (x) R1(r_j) - (sum_j a_ij x_j) (x) R1(r_i)
+                 with a = alpha/|r_ij|, both node-level products by EAAS. Non-periodic only.
+
+Edge vector convention: r_ij = r_j - r_i (+ periodic shift), j the source, i the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from e2former_calc.kernels.neighbor_attention import neighbor_attention
+from e2former_calc.models.eaas import EAASTensorProduct
+from e2former_calc.models.graph import AtomicGraph
+from e2former_calc.models.so3 import clebsch_gordan, spherical_harmonics_up_to
+
+VALUE_PATHS = ("moments", "eaas")
+FORCE_MODES = ("conservative", "direct")
+
+
+@dataclass
+class E2FormerConfig:
+    """Architecture hyper-parameters. Defaults are the paper-size model."""
+
+    species: tuple[int, ...] = (1, 6, 7, 8)  # atomic numbers the model knows
+    l_max: int = 2  # highest degree of the node features
+    channels: int = 256  # C, channels per degree
+    num_blocks: int = 4
+    num_heads: int = 128  # H; channels // num_heads value channels per head and degree
+    head_dim: int = 8  # query/key width per head
+    cutoff: float = 6.0  # Å
+    num_radial: int = 16  # Gaussian radial basis functions
+    edge_hidden: int = 64  # width of the edge-scalar MLP
+    ffn_multiplier: int = 2  # hidden channels of the gated FFN = ffn_multiplier * channels
+    avg_num_neighbors: float = 30.0  # normalises the degree embedding
+    value_path: str = "moments"  # "moments" (path B) or "eaas" (path A)
+    sink: float = 1e-3  # attention sink eps
+    use_charge_spin: bool = False
+    max_charge: int = 4  # |total charge| the system embedding covers
+    max_spin: int = 5  # highest spin multiplicity the system embedding covers
+    energy_scale: float = 1.0  # eV, multiplies the per-atom energy head
+
+    def __post_init__(self):
+        self.species = tuple(int(z) for z in self.species)
+        if self.channels % self.num_heads:
+            raise ValueError(f"channels ({self.channels}) must be a multiple of num_heads ({self.num_heads})")
+        if self.value_path not in VALUE_PATHS:
+            raise ValueError(f"value_path must be one of {VALUE_PATHS}, got {self.value_path!r}")
+        if len(set(self.species)) != len(self.species) or not all(1 <= z <= 118 for z in self.species):
+            raise ValueError(f"species must be distinct atomic numbers 1..118, got {self.species}")
+
+    @classmethod
+    def water_small(cls) -> "E2FormerConfig":
+        """The small, fast preset the shipped water model uses (H and O)."""
+        return cls(
+            species=(1, 8), channels=64, num_blocks=3, num_heads=16, head_dim=8,
+            cutoff=5.0, num_radial=12, edge_hidden=32, avg_num_neighbors=50.0,
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["species"] = list(self.species)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "E2FormerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown E2FormerConfig fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def polynomial_envelope(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """p(d) = 1 - 6x^5 + 15x^4 - 10x^3 with x = d/cutoff, zero beyond; C2-smooth at the cutoff."""
+    x = (distance / cutoff).clamp(max=1.0)
+    return 1 - x**3 * (10 - 15 * x + 6 * x**2)
+
+
+class GaussianBasis(nn.Module):
+    """[E] distances (Å) -> [E, num_radial] Gaussians on an even grid over [0, cutoff]."""
+
+    def __init__(self, cutoff: float, num_radial: int):
+        super().__init__()
+        self.register_buffer("centers", torch.linspace(0.0, cutoff, num_radial))
+        self.width = cutoff / (num_radial - 1)
+
+    def forward(self, distance: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-0.5 * ((distance[:, None] - self.centers) / self.width) ** 2)
+
+
+def degree_of_rows(l_max: int) -> torch.Tensor:
+    """[(L+1)^2] long, the degree l of each row of a node feature tensor."""
+    return torch.cat([torch.full((2 * l + 1,), l) for l in range(l_max + 1)])
+
+
+class DegreeWiseLinear(nn.Module):
+    """[N, (L+1)^2, C_in] -> [N, (L+1)^2, C_out]: one matrix per degree, shared over m.
+
+    Commutes with rotations; the bias is added to the l=0 row only.
+    """
+
+    def __init__(self, l_max: int, in_channels: int, out_channels: int, bias: bool = True):
+        super().__init__()
+        self.l_max = l_max
+        self.weight = nn.Parameter(torch.randn(l_max + 1, in_channels, out_channels) / math.sqrt(in_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [x[:, l * l : (l + 1) ** 2] @ self.weight[l] for l in range(self.l_max + 1)]
+        if self.bias is not None:
+            rows[0] = rows[0] + self.bias
+        return torch.cat(rows, dim=1)
+
+
+class EquivariantRMSNorm(nn.Module):
+    """EquiformerV2-style norm of [N, (L+1)^2, C] features.
+
+    The l=0 row is centred over channels; every row is divided by the root of the
+    degree-balanced mean square (mean over m and channels per degree, then over degrees);
+    learnable scale per (l, channel), bias on l=0 only.
+    """
+
+    def __init__(self, l_max: int, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.l_max, self.eps = l_max, eps
+        self.scale = nn.Parameter(torch.ones(l_max + 1, channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("row_degree", degree_of_rows(l_max), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scalars = x[:, :1] - x[:, :1].mean(dim=-1, keepdim=True)
+        x = torch.cat([scalars, x[:, 1:]], dim=1)
+        mean_square = torch.stack(
+            [x[:, l * l : (l + 1) ** 2].pow(2).mean(dim=(1, 2)) for l in range(self.l_max + 1)], dim=-1
+        ).mean(dim=-1)
+        x = x * torch.rsqrt(mean_square + self.eps)[:, None, None] * self.scale[self.row_degree]
+        return torch.cat([x[:, :1] + self.bias, x[:, 1:]], dim=1)
+
+
+class GatedFFN(nn.Module):
+    """Degree-wise linear -> gate (SiLU on scalars, sigmoid gates from scalars on l>0) -> linear."""
+
+    def __init__(self, l_max: int, channels: int, hidden: int):
+        super().__init__()
+        self.l_max, self.hidden = l_max, hidden
+        self.linear_in = DegreeWiseLinear(l_max, channels, hidden)
+        self.gates = nn.Linear(channels, l_max * hidden)
+        self.linear_out = DegreeWiseLinear(l_max, hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear_in(x)
+        gates = torch.sigmoid(self.gates(x[:, 0])).view(-1, self.l_max, self.hidden)
+        rows = [F.silu(h[:, :1])]
+        rows += [h[:, l * l : (l + 1) ** 2] * gates[:, l - 1, None, :] for l in range(1, self.l_max + 1)]
+        return self.linear_out(torch.cat(rows, dim=1))
+
+
+class EdgeScalars(nn.Module):
+    """Per-edge, per-head scalars from distance and species: logit scale g, logit bias b, value weight phi.
+
+    [E, num_radial] radial basis and [E] species-pair index -> three [E, H] tensors.
+    Initialised near g = 1, b = 0, phi = 1.
+    """
+
+    def __init__(self, num_radial: int, num_species: int, hidden: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.radial = nn.Linear(num_radial, hidden)
+        self.pair = nn.Embedding(num_species * num_species, hidden)
+        self.out = nn.Linear(hidden, 3 * num_heads)
+        nn.init.normal_(self.out.weight, std=0.1 / math.sqrt(hidden))
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, radial_basis: torch.Tensor, species_pair: torch.Tensor):
+        h = F.silu(self.radial(radial_basis) + self.pair(species_pair))
+        scale, bias, value_weight = self.out(h).split(self.num_heads, dim=-1)
+        return 1 + scale, bias, 1 + value_weight
+
+
+def first_order_paths(l_max: int) -> list[tuple[int, int]]:
+    """The (l1, l3) paths of x^(l1) (x) Y^1 -> l3 with l3 <= l_max, in EAAS output order."""
+    return [(l1, l3) for l1 in range(l_max + 1) for l3 in range(abs(l1 - 1), min(l1 + 1, l_max) + 1)]
+
+
+class EquivariantAttention(nn.Module):
+    """Node-centric equivariant attention with scalar-only edges (module docstring)."""
+
+    def __init__(self, config: E2FormerConfig):
+        super().__init__()
+        L, C, H = config.l_max, config.channels, config.num_heads
+        self.config = config
+        self.invariant_left = DegreeWiseLinear(L, C, C, bias=False)
+        self.invariant_right = DegreeWiseLinear(L, C, C, bias=False)
+        self.query = nn.Sequential(nn.Linear((L + 1) * C, C), nn.SiLU(), nn.Linear(C, H * config.head_dim))
+        self.key = nn.Sequential(nn.Linear((L + 1) * C, C), nn.SiLU(), nn.Linear(C, H * config.head_dim))
+        self.value = DegreeWiseLinear(L, C, C)
+        self.edge_scalars = EdgeScalars(config.num_radial, len(config.species), config.edge_hidden, H)
+        self.paths = first_order_paths(L)
+        for index, (l1, l3) in enumerate(self.paths):
+            # R1(r̂) = sqrt(3) r̂ in component normalisation; rows of the CG's middle index are x, y, z.
+            self.register_buffer(f"cg_{index}", math.sqrt(3) * clebsch_gordan(l1, 1, l3), persistent=False)
+        self.output = nn.ModuleList(
+            nn.Linear(sum(1 for _, l3 in self.paths if l3 == l) * C, C, bias=(l == 0)) for l in range(L + 1)
+        )
+        if config.value_path == "eaas":
+            self.eaas = EAASTensorProduct(L, 1, L)
+
+    def invariants(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, (L+1)^2, C] -> [N, (L+1)*C]: s_l = sum_m (W1_l x)_lm * (W2_l x)_lm per degree."""
+        product = self.invariant_left(x) * self.invariant_right(x)
+        L = self.config.l_max
+        return torch.cat([product[:, l * l : (l + 1) ** 2].sum(dim=1) for l in range(L + 1)], dim=-1)
+
+    def forward(self, x, graph: AtomicGraph, edge_vector, radial_basis, species_pair, positions, create_graph):
+        cfg = self.config
+        N, R, C, H = x.shape[0], x.shape[1], cfg.channels, cfg.num_heads
+        invariants = self.invariants(x)
+        query = self.query(invariants).view(N, H, cfg.head_dim)
+        key = self.key(invariants).view(N, H, cfg.head_dim)
+        logit_scale, logit_bias, value_weight = self.edge_scalars(radial_basis, species_pair)
+        values = self.value(x)
+
+        def attend(node_values: torch.Tensor, payload: str) -> torch.Tensor:
+            """[N, rows, C] -> [N, A, rows, C] attention-weighted sums over neighbours."""
+            rows = node_values.shape[1]
+            per_head = node_values.view(N, rows, H, C // H).permute(0, 2, 1, 3).reshape(N, H, -1)
+            out = neighbor_attention(
+                query, key, per_head, edge_vector, logit_scale, logit_bias, value_weight,
+                graph.row_ptr, graph.source_index, cfg.cutoff, payload=payload, sink=cfg.sink,
+                use_kernel=False if create_graph else None,
+            )
+            A = out.shape[1]
+            return out.view(N, A, H, rows, C // H).permute(0, 1, 3, 2, 4).reshape(N, A, rows, C)
+
+        if cfg.value_path == "moments":
+            moments = attend(values, "direction")  # [N, 3, R, C]
+            path_outputs = [
+                torch.einsum("nfmc,mfo->noc", moments[:, :, l1 * l1 : (l1 + 1) ** 2], getattr(self, f"cg_{i}"))
+                for i, (l1, _) in enumerate(self.paths)
+            ]
+        else:
+            source_terms = self.eaas(values, positions)  # [N, R_T, C]
+            sums = attend(torch.cat([source_terms, values], dim=1), "inverse_distance")[:, 0]
+            combined = sums[:, : source_terms.shape[1]] - self.eaas(sums[:, source_terms.shape[1] :], positions)
+            path_outputs = [combined[:, rows] for rows in self.eaas.path_rows()]
+        out = []
+        for l in range(cfg.l_max + 1):
+            stacked = torch.cat([p for p, (_, l3) in zip(path_outputs, self.paths) if l3 == l], dim=-1)
+            out.append(self.output[l](stacked))
+        return torch.cat(out, dim=1)
+
+
+class DegreeEmbedding(nn.Module):
+    """Initial features from the neighbourhood (DESIGN §3), for every degree l = 0..L:
+
+    h_i^(l) = W_l (1/avg_deg) sum_j p(d_ij) Y_l(r̂_ij) (rbf(d_ij) * e(Z_j)),
+    aggregated at the width of the radial basis (an [E, (L+1)^2, R] tensor, never E x C),
+    then mapped to C channels per degree. The l=0 row adds a radial density to the species
+    embedding.
+    """
+
+    def __init__(self, config: E2FormerConfig):
+        super().__init__()
+        self.config = config
+        self.source_species = nn.Embedding(len(config.species), config.num_radial)
+        self.linear = DegreeWiseLinear(config.l_max, config.num_radial, config.channels, bias=False)
+
+    def forward(self, graph, edge_vector, distance, radial_basis, species_index):
+        cfg = self.config
+        harmonics = spherical_harmonics_up_to(cfg.l_max, edge_vector, normalize=True)  # [E, (L+1)^2]
+        radial = radial_basis * self.source_species(species_index[graph.source_index])
+        radial = radial * polynomial_envelope(distance, cfg.cutoff)[:, None]
+        edge_terms = harmonics[:, :, None] * radial[:, None, :]  # [E, (L+1)^2, num_radial]
+        summed = torch.zeros(graph.num_atoms, *edge_terms.shape[1:], dtype=edge_terms.dtype, device=edge_terms.device)
+        summed = summed.index_add(0, graph.target_index, edge_terms) / cfg.avg_num_neighbors
+        return self.linear(summed)
+
+
+class E2FormerV2(nn.Module):
+    """The E2Former-V2 interatomic potential. See the module docstring for the architecture."""
+
+    def __init__(self, config: E2FormerConfig):
+        super().__init__()
+        self.config = config
+        L, C = config.l_max, config.channels
+        self.register_buffer("reference_energy", torch.zeros(len(config.species)))
+        species_index = torch.full((119,), -1, dtype=torch.long)
+        species_index[list(config.species)] = torch.arange(len(config.species))
+        self.register_buffer("species_index_of", species_index, persistent=False)
+        self.species_embedding = nn.Embedding(len(config.species), C)
+        self.degree_embedding = DegreeEmbedding(config)
+        self.radial_basis = GaussianBasis(config.cutoff, config.num_radial)
+        if config.use_charge_spin:
+            self.charge_embedding = nn.Embedding(2 * config.max_charge + 1, C)
+            self.spin_embedding = nn.Embedding(config.max_spin, C)
+        self.attention_norms = nn.ModuleList(EquivariantRMSNorm(L, C) for _ in range(config.num_blocks))
+        self.attentions = nn.ModuleList(EquivariantAttention(config) for _ in range(config.num_blocks))
+        self.ffn_norms = nn.ModuleList(EquivariantRMSNorm(L, C) for _ in range(config.num_blocks))
+        self.ffns = nn.ModuleList(GatedFFN(L, C, config.ffn_multiplier * C) for _ in range(config.num_blocks))
+        self.final_norm = EquivariantRMSNorm(L, C)
+        self.energy_head = nn.Sequential(nn.Linear(C, C), nn.SiLU(), nn.Linear(C, 1))
+        self.force_head = nn.Linear(C, 1, bias=False)
+
+    def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
+        """[N] atomic numbers -> [N] index into config.species; ValueError for unknown elements."""
+        index = self.species_index_of[atomic_numbers.clamp(0, 118)]
+        unknown = (index < 0) | (atomic_numbers > 118) | (atomic_numbers < 1)
+        if unknown.any():
+            bad = sorted(set(atomic_numbers[unknown].tolist()))
+            raise ValueError(f"elements with atomic numbers {bad} are not supported; this model knows {list(self.config.species)}")
+        return index
+
+    def node_features(self, graph: AtomicGraph, positions=None, edge_vector=None, create_graph=False):
+        """[N, (L+1)^2, C] final (normed) node features and [N] species index."""
+        cfg = self.config
+        positions = graph.positions if positions is None else positions
+        edge_vector = graph.edge_vectors(positions) if edge_vector is None else edge_vector
+        species = self.species_index(graph.atomic_numbers)
+        distance = edge_vector.norm(dim=-1)
+        radial_basis = self.radial_basis(distance)
+        species_pair = species[graph.target_index] * len(cfg.species) + species[graph.source_index]
+
+        x = self.degree_embedding(graph, edge_vector, distance, radial_basis, species)
+        x = torch.cat([x[:, :1] + self.species_embedding(species)[:, None, :], x[:, 1:]], dim=1)
+        system = self.system_embedding(graph)
+        if cfg.value_path == "eaas":
+            if bool((graph.cell_shift != 0).any()):
+                raise ValueError("value_path='eaas' supports non-periodic systems only; use 'moments'")
+            # Centre each system: EAAS works with absolute positions (DESIGN §4 A, precision).
+            counts = torch.bincount(graph.system_index, minlength=graph.num_systems).clamp(min=1)
+            centre = torch.zeros_like(graph.cell[:, 0]).index_add(0, graph.system_index, positions) / counts[:, None]
+            positions = positions - centre[graph.system_index]
+        for norm, attention, ffn_norm, ffn in zip(self.attention_norms, self.attentions, self.ffn_norms, self.ffns):
+            h = norm(x)
+            if system is not None:
+                h = torch.cat([h[:, :1] + system[graph.system_index, None, :], h[:, 1:]], dim=1)
+            x = x + attention(h, graph, edge_vector, radial_basis, species_pair, positions, create_graph)
+            x = x + ffn(ffn_norm(x))
+        return self.final_norm(x), species
+
+    def system_embedding(self, graph: AtomicGraph):
+        """[B, C] embedding of total charge and spin multiplicity, or None if the model has none."""
+        cfg = self.config
+        if not cfg.use_charge_spin:
+            return None
+        if (graph.charge.abs() > cfg.max_charge).any() or (graph.spin < 1).any() or (graph.spin > cfg.max_spin).any():
+            raise ValueError(
+                f"charge must be within ±{cfg.max_charge} and spin multiplicity within 1..{cfg.max_spin}; "
+                f"got charge {graph.charge.tolist()}, spin {graph.spin.tolist()}"
+            )
+        return self.charge_embedding(graph.charge + cfg.max_charge) + self.spin_embedding(graph.spin - 1)
+
+    def forward(
+        self,
+        graph: AtomicGraph,
+        compute_forces: bool = True,
+        compute_stress: bool = False,
+        mode: str = "conservative",
+        create_graph: bool = False,
+    ) -> dict:
+        """Energies (eV), forces (eV/Å) and stress (eV/Å^3) of the packed systems.
+
+        Returns {"energy": [B], "energies": [N], "forces": [N, 3], "stress": [B, 3, 3]}, the last two
+        only when asked. Conservative forces are -dE/dr; the stress is (1/V) dE/d(strain) with
+        a symmetric strain applied to positions and cell (ASE's sign). `create_graph` keeps the
+        graph of the forces for training on them (and uses the twice-differentiable reference path).
+        """
+        if mode not in FORCE_MODES:
+            raise ValueError(f"mode must be one of {FORCE_MODES}, got {mode!r}")
+        if compute_stress and mode == "direct":
+            raise ValueError("stress needs mode='conservative' (the direct head predicts forces only)")
+        conservative = mode == "conservative" and (compute_forces or compute_stress)
+        positions, cell = graph.positions, graph.cell
+        with torch.enable_grad() if conservative else contextlib.nullcontext():
+            if conservative:
+                positions = leaf_positions = positions.detach().requires_grad_(True)
+            if compute_stress:
+                strain = torch.zeros_like(cell, requires_grad=True)
+                symmetric = 0.5 * (strain + strain.transpose(1, 2))
+                positions = positions + torch.einsum("ni,nij->nj", positions, symmetric[graph.system_index])
+                cell = cell + cell @ symmetric
+            edge_vector = graph.edge_vectors(positions, cell)
+            features, species = self.node_features(graph, positions, edge_vector, create_graph)
+            energies = self.config.energy_scale * self.energy_head(features[:, 0]).squeeze(-1)
+            energies = energies + self.reference_energy[species]
+            energy = torch.zeros_like(graph.cell[:, 0, 0]).index_add(0, graph.system_index, energies)
+            result = {"energy": energy, "energies": energies}
+            if conservative:
+                wrt = [leaf_positions, strain] if compute_stress else [leaf_positions]
+                grads = torch.autograd.grad(energy.sum(), wrt, create_graph=create_graph)
+                if compute_forces:
+                    result["forces"] = -grads[0]
+                if compute_stress:
+                    volume = torch.linalg.det(graph.cell).abs()
+                    result["stress"] = grads[1] / volume[:, None, None]
+            elif compute_forces:
+                result["forces"] = self.force_head(features[:, 1:4]).squeeze(-1)
+        return result
+

@@ -1,0 +1,96 @@
+"""The packed batch of atomic systems that the network consumes.
+
+Several systems are concatenated along the atom axis. Edges are stored as a CSR structure
+sorted by target atom: the edges of target i are e in [row_ptr[i], row_ptr[i+1]), each with
+a source atom j = source_index[e] and an integer cell shift, so that the edge vector is
+
+    r_ij = positions[j] - positions[i] + cell_shift[e] @ cell[system of i]      (Å)
+
+(source j, target i). Storing integer shifts instead of vectors keeps the graph valid when
+positions and cell are strained for the stress, and lets autograd reach both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass
+class AtomicGraph:
+    """Atoms and neighbours of B systems packed together (N atoms, E directed edges).
+
+    positions:     [N, 3] float, Å
+    atomic_numbers:[N] long
+    system_index:  [N] long, which system each atom belongs to (non-decreasing)
+    cell:          [B, 3, 3] float, Å, rows are lattice vectors (zeros where not periodic)
+    row_ptr:       [N + 1] long, CSR offsets of the edges of each target atom
+    source_index:  [E] long, source atom j of each edge
+    cell_shift:    [E, 3] float, integer multiples of the lattice vectors added to r_j
+    charge:        [B] long, total charge (e)
+    spin:          [B] long, spin multiplicity 2S+1
+    """
+
+    positions: torch.Tensor
+    atomic_numbers: torch.Tensor
+    system_index: torch.Tensor
+    cell: torch.Tensor
+    row_ptr: torch.Tensor
+    source_index: torch.Tensor
+    cell_shift: torch.Tensor
+    charge: torch.Tensor
+    spin: torch.Tensor
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def num_atoms(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_systems(self) -> int:
+        return self.cell.shape[0]
+
+    @property
+    def num_edges(self) -> int:
+        return self.source_index.shape[0]
+
+    @property
+    def target_index(self) -> torch.Tensor:
+        """[E] long, target atom i of each edge (expanded from row_ptr, cached)."""
+        if "target_index" not in self._cache:
+            counts = self.row_ptr[1:] - self.row_ptr[:-1]
+            self._cache["target_index"] = torch.repeat_interleave(
+                torch.arange(self.num_atoms, device=counts.device), counts
+            )
+        return self._cache["target_index"]
+
+    def edge_vectors(self, positions: torch.Tensor | None = None, cell: torch.Tensor | None = None):
+        """[E, 3] r_ij = r_j - r_i + shift @ cell, for these (possibly strained) positions/cell."""
+        positions = self.positions if positions is None else positions
+        cell = self.cell if cell is None else cell
+        target = self.target_index
+        shift = torch.einsum("ec,ecd->ed", self.cell_shift, cell[self.system_index[target]])
+        return positions[self.source_index] - positions[target] + shift
+
+    def to(self, device=None, dtype=None) -> "AtomicGraph":
+        """A copy on `device`; float tensors cast to `dtype` (integer tensors keep theirs)."""
+
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.is_floating_point():
+                return tensor.to(device=device, dtype=dtype)
+            return tensor.to(device=device)
+
+        return replace(
+            self,
+            positions=move(self.positions),
+            atomic_numbers=move(self.atomic_numbers),
+            system_index=move(self.system_index),
+            cell=move(self.cell),
+            row_ptr=move(self.row_ptr),
+            source_index=move(self.source_index),
+            cell_shift=move(self.cell_shift),
+            charge=move(self.charge),
+            spin=move(self.spin),
+            _cache={},
+        )

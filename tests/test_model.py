@@ -1,0 +1,190 @@
+"""The network's symmetries, smoothness and derivatives (issue: E2Former-V2 network).
+
+Tight checks run in float64 on small random-weight models; both value paths are covered.
+"""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2, polynomial_envelope
+from e2former_calc.models.so3 import wigner_D
+from e2former_calc.neighbors import build_graph
+from e2former_calc.water import build_water_box
+
+TINY = dict(species=(1, 6, 8), l_max=2, channels=8, num_blocks=2, num_heads=4, head_dim=4,
+            cutoff=4.0, num_radial=6, edge_hidden=8, avg_num_neighbors=4.0)
+
+
+def make_model(value_path="moments", dtype=torch.float64, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = E2FormerV2(E2FormerConfig(**{**TINY, "value_path": value_path, **overrides})).to(dtype)
+    with torch.no_grad():  # non-trivial reference energies so that they are exercised
+        model.reference_energy.copy_(torch.randn_like(model.reference_energy))
+    return model
+
+
+def random_rotation(seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=dtype))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.det(q) > 0 else -q
+
+
+def evaluate(model, atoms_list, **kwargs):
+    dtype = next(model.parameters()).dtype
+    return model(build_graph(atoms_list, model.config.cutoff, dtype=dtype), **kwargs)
+
+
+def ethanol_water():
+    atoms = molecule("CH3CH2OH")
+    water = molecule("H2O")
+    water.translate([2.5, 1.0, 0.5])
+    return atoms + water
+
+
+@pytest.mark.parametrize("value_path", ["moments", "eaas"])
+def test_rotation_invariance_and_equivariance_float64(value_path):
+    model = make_model(value_path)
+    atoms = ethanol_water()
+    rotation = random_rotation(1)
+    rotated = atoms.copy()
+    rotated.positions = atoms.positions @ rotation.numpy().T
+    graph = build_graph([atoms], model.config.cutoff, dtype=torch.float64)
+    graph_rotated = build_graph([rotated], model.config.cutoff, dtype=torch.float64)
+
+    out, out_rotated = model(graph), model(graph_rotated)
+    assert torch.allclose(out["energy"], out_rotated["energy"], rtol=1e-10, atol=0)
+    forces_rotated = out["forces"] @ rotation.T
+    assert (forces_rotated - out_rotated["forces"]).abs().max() < 1e-10 * out["forces"].abs().max()
+
+    features, _ = model.node_features(graph)
+    features_rotated, _ = model.node_features(graph_rotated)
+    for l in range(1, model.config.l_max + 1):
+        wigner = wigner_D(l, rotation)  # exact in float64 (e3nn's D_from_matrix is only ~1e-7)
+        expected = torch.einsum("mk,nkc->nmc", wigner, features[:, l * l : (l + 1) ** 2])
+        error = (expected - features_rotated[:, l * l : (l + 1) ** 2]).abs().max()
+        assert error < 1e-10 * features[:, l * l : (l + 1) ** 2].abs().max()
+
+
+def test_rotation_equivariance_float32():
+    model = make_model(dtype=torch.float32)
+    atoms = ethanol_water()
+    rotation = random_rotation(2, torch.float32)
+    rotated = atoms.copy()
+    rotated.positions = atoms.positions @ rotation.double().numpy().T
+    out, out_rotated = evaluate(model, [atoms]), evaluate(model, [rotated])
+    assert abs(out["energy"] - out_rotated["energy"]) < 1e-5 * out["energy"].abs()
+    error = (out["forces"] @ rotation.T - out_rotated["forces"]).norm(dim=1).max()
+    assert error < 1e-5 * out["forces"].norm(dim=1).max()
+
+
+def test_translation_far_from_origin_float32_moments():
+    model = make_model(dtype=torch.float32)
+    atoms = ethanol_water()
+    shifted = atoms.copy()
+    shifted.translate([1000.0, -1000.0, 1000.0])
+    energy, energy_shifted = evaluate(model, [atoms])["energy"], evaluate(model, [shifted])["energy"]
+    assert abs(energy - energy_shifted) < 1e-5 * energy.abs()
+
+
+def test_permutation_and_batching_match_single_evaluations():
+    model = make_model()
+    atoms_a, atoms_b = ethanol_water(), molecule("CH4")
+    permutation = np.random.default_rng(0).permutation(len(atoms_a))
+    out_a = evaluate(model, [atoms_a])
+    out_permuted = evaluate(model, [atoms_a[permutation]])
+    assert torch.allclose(out_a["energy"], out_permuted["energy"], rtol=1e-12)
+    assert torch.allclose(out_a["forces"][permutation], out_permuted["forces"], atol=1e-12)
+
+    out_b = evaluate(model, [atoms_b])
+    batched = evaluate(model, [atoms_a, atoms_b])
+    assert torch.allclose(batched["energy"], torch.cat([out_a["energy"], out_b["energy"]]), rtol=1e-12)
+    assert torch.allclose(batched["forces"], torch.cat([out_a["forces"], out_b["forces"]]), atol=1e-12)
+
+
+def test_value_paths_agree_float64():
+    moments, eaas = make_model("moments"), make_model("eaas")
+    eaas.load_state_dict(moments.state_dict())
+    atoms = ethanol_water()
+    out_moments, out_eaas = evaluate(moments, [atoms]), evaluate(eaas, [atoms])
+    assert torch.allclose(out_moments["energy"], out_eaas["energy"], rtol=1e-10, atol=0)
+    scale = out_moments["forces"].abs().max()
+    assert (out_moments["forces"] - out_eaas["forces"]).abs().max() < 1e-10 * scale
+
+
+def test_eaas_path_refuses_periodic_systems():
+    model = make_model("eaas")
+    with pytest.raises(ValueError, match="non-periodic"):
+        evaluate(model, [build_water_box(8)])
+
+
+def test_conservative_forces_match_finite_differences():
+    model = make_model()
+    atoms = ethanol_water()
+    forces = evaluate(model, [atoms])["forces"].numpy()
+    step = 1e-5
+    rng = np.random.default_rng(0)
+    for atom, axis in zip(rng.choice(len(atoms), 4, replace=False), rng.integers(0, 3, 4)):
+        energies = []
+        for sign in (1, -1):
+            displaced = atoms.copy()
+            displaced.positions[atom, axis] += sign * step
+            energies.append(evaluate(model, [displaced], compute_forces=False)["energy"].item())
+        finite_difference = -(energies[0] - energies[1]) / (2 * step)
+        assert abs(finite_difference - forces[atom, axis]) < 1e-6 * np.abs(forces).max()
+
+
+def test_energy_and_forces_continuous_across_cutoff():
+    """A dimer scanned through the cutoff: no jump beyond float64 round-off."""
+    model = make_model()
+    cutoff = model.config.cutoff
+    distances = cutoff + np.linspace(-1e-5, 1e-5, 21)
+    energies, forces = [], []
+    for distance in distances:
+        dimer = Atoms("CO", positions=[[0, 0, 0], [distance, 0, 0]])
+        out = evaluate(model, [dimer])
+        energies.append(out["energy"].item())
+        forces.append(out["forces"][0, 0].item())
+    energies, forces = np.array(energies), np.array(forces)
+    # Beyond the cutoff the atoms are isolated; approaching it, energy and force go there smoothly.
+    assert np.abs(np.diff(energies)).max() < 1e-12
+    assert np.abs(forces).max() < 1e-10
+
+
+def test_envelope_is_smooth_at_cutoff():
+    distance = torch.tensor([5.0 - 1e-6, 5.0, 5.5], dtype=torch.float64, requires_grad=True)
+    value = polynomial_envelope(distance, 5.0)
+    (gradient,) = torch.autograd.grad(value.sum(), distance)
+    assert value[1] == 0 and value[2] == 0 and value[0] < 1e-15
+    assert gradient.abs().max() < 1e-9
+
+
+def test_direct_force_head_is_equivariant_and_stress_needs_conservative():
+    model = make_model()
+    atoms = ethanol_water()
+    rotation = random_rotation(3)
+    rotated = atoms.copy()
+    rotated.positions = atoms.positions @ rotation.numpy().T
+    forces = evaluate(model, [atoms], mode="direct")["forces"]
+    forces_rotated = evaluate(model, [rotated], mode="direct")["forces"]
+    assert (forces @ rotation.T - forces_rotated).abs().max() < 1e-10 * forces.abs().max()
+    with pytest.raises(ValueError, match="conservative"):
+        evaluate(model, [build_water_box(8)], mode="direct", compute_stress=True)
+
+
+def test_unknown_element_is_named():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"\[26\].*\[1, 6, 8\]"):
+        evaluate(model, [Atoms("FeO", positions=[[0, 0, 0], [1.6, 0, 0]])])
+
+
+def test_every_atom_depends_on_its_own_element():
+    """Isolated atoms of different elements get different features (the reference code loses this)."""
+    model = make_model()
+    atoms = Atoms("HCO", positions=[[0, 0, 0], [20, 0, 0], [40, 0, 0]])
+    energies = evaluate(model, [atoms], compute_forces=False)["energies"]
+    reference = model.reference_energy
+    assert len(set((energies - reference[[0, 1, 2]]).tolist())) == 3
