@@ -125,14 +125,17 @@ def neighbor_pairs(
     device = torch.device(device)
     box = _completed_cell(cell, pbc)
     if device.type == "cuda" and TorchNeighborList is not None:
-        search = TorchNeighborList(cutoff=cutoff, full_list=True, sorted=True)
+        search = TorchNeighborList(cutoff=cutoff, full_list=True, sorted=False)
         target, source, shift = search.compute(
             points=torch.as_tensor(positions, dtype=torch.float64, device=device),
             box=torch.as_tensor(box, dtype=torch.float64, device=device),
             periodic=torch.as_tensor(pbc, dtype=torch.bool, device=device),
             quantities="ijS",
         )
-        return target.long(), source.long(), shift.long()
+        # The GPU search returns pairs in no fixed order; sort them so that the CSR is valid and
+        # the summation order (hence the result) is reproducible.
+        order = torch.argsort(target.long() * len(positions) + source.long(), stable=True)
+        return target[order].long(), source[order].long(), shift[order].long()
     search = NeighborList(cutoff=cutoff, full_list=True, sorted=True)
     target, source, shift = search.compute(
         points=positions, box=box, periodic=pbc.tolist(), quantities="ijS"

@@ -58,6 +58,7 @@ class E2FormerConfig:
     ffn_multiplier: int = 2  # hidden channels of the gated FFN = ffn_multiplier * channels
     avg_num_neighbors: float = 30.0  # normalises the degree embedding
     value_path: str = "moments"  # "moments" (path B) or "eaas" (path A)
+    center_eaas: bool = True  # path A: centre each system first (float32 precision far from the origin)
     sink: float = 1e-3  # attention sink eps
     use_charge_spin: bool = False
     max_charge: int = 4  # |total charge| the system embedding covers
@@ -223,7 +224,8 @@ class EquivariantAttention(nn.Module):
         self.paths = first_order_paths(L)
         for index, (l1, l3) in enumerate(self.paths):
             # R1(r̂) = sqrt(3) r̂ in component normalisation; rows of the CG's middle index are x, y, z.
-            self.register_buffer(f"cg_{index}", math.sqrt(3) * clebsch_gordan(l1, 1, l3), persistent=False)
+            cg = clebsch_gordan(l1, 1, l3, dtype=torch.get_default_dtype())
+            self.register_buffer(f"cg_{index}", math.sqrt(3) * cg, persistent=False)
         self.output = nn.ModuleList(
             nn.Linear(sum(1 for _, l3 in self.paths if l3 == l) * C, C, bias=(l == 0)) for l in range(L + 1)
         )
@@ -348,9 +350,9 @@ class E2FormerV2(nn.Module):
         x = self.degree_embedding(graph, edge_vector, distance, radial_basis, species)
         x = torch.cat([x[:, :1] + self.species_embedding(species)[:, None, :], x[:, 1:]], dim=1)
         system = self.system_embedding(graph)
-        if cfg.value_path == "eaas":
-            if bool((graph.cell_shift != 0).any()):
-                raise ValueError("value_path='eaas' supports non-periodic systems only; use 'moments'")
+        if cfg.value_path == "eaas" and bool((graph.cell_shift != 0).any()):
+            raise ValueError("value_path='eaas' supports non-periodic systems only; use 'moments'")
+        if cfg.value_path == "eaas" and cfg.center_eaas:
             # Centre each system: EAAS works with absolute positions (DESIGN §4 A, precision).
             counts = torch.bincount(graph.system_index, minlength=graph.num_systems).clamp(min=1)
             centre = torch.zeros_like(graph.cell[:, 0]).index_add(0, graph.system_index, positions) / counts[:, None]

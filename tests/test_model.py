@@ -82,11 +82,13 @@ def test_rotation_equivariance_float32():
 
 
 def test_translation_far_from_origin_float32_moments():
+    """Shift the graph's float32 positions by 1000 Å (build_graph would centre them away)."""
     model = make_model(dtype=torch.float32)
-    atoms = ethanol_water()
-    shifted = atoms.copy()
-    shifted.translate([1000.0, -1000.0, 1000.0])
-    energy, energy_shifted = evaluate(model, [atoms])["energy"], evaluate(model, [shifted])["energy"]
+    graph64 = build_graph([ethanol_water()], model.config.cutoff, dtype=torch.float64)
+    graph = graph64.to(dtype=torch.float32)
+    energy = model(graph, compute_forces=False)["energy"]
+    graph.positions = (graph64.positions + torch.tensor([1000.0, -1000.0, 1000.0], dtype=torch.float64)).float()
+    energy_shifted = model(graph, compute_forces=False)["energy"]
     assert abs(energy - energy_shifted) < 1e-5 * energy.abs()
 
 

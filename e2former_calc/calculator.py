@@ -1,0 +1,184 @@
+"""ASE calculator for E2Former-V2.
+
+    from e2former_calc import E2FormerCalculator
+    atoms.calc = E2FormerCalculator("e2former-v2-water-s")      # or a checkpoint path, or a model
+    atoms.get_potential_energy(); atoms.get_forces(); atoms.get_stress()
+
+Properties: energy and free_energy (eV, equal: the model has no electronic entropy), energies
+(per atom, eV), forces (eV/Å) and, for cells periodic in all three directions, stress (eV/Å^3,
+ASE's Voigt order and sign). In mode="conservative" forces are -dE/dr and the stress is the
+strain derivative of the energy over the volume; mode="direct" takes forces from the force head
+(faster, not conservative) and gives no stress.
+
+Total charge and spin multiplicity are read from atoms.info["charge"] and atoms.info["spin"]
+(defaults 0 and 1) and are part of the state: changing them invalidates cached results.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.data import chemical_symbols
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from e2former_calc.checkpoint import load_model, resolve_device, resolve_dtype
+from e2former_calc.neighbors import build_graph, read_charge_spin, spatial_order, validate_atoms
+
+MODES = ("conservative", "direct")
+INFO_KEYS = ("charge", "spin")
+
+
+class E2FormerCalculator(Calculator):
+    """E2Former-V2 energies, forces and stress for ASE.
+
+    model:  a registered name (see `e2former_calc.checkpoint.registered_models()`), a checkpoint
+            path, or an `E2FormerV2` instance (moved to `device`/`dtype` in place and put in eval mode).
+    device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:<k>".
+    dtype:  "float32" or "float64".
+    mode:   "conservative" (forces = -dE/dr, stress available) or "direct" (force head).
+    spatial_sort: evaluate the atoms in Morton order (local neighbour gathers on the GPU);
+            results are always returned in the order of the Atoms.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(
+        self,
+        model="e2former-v2-water-s",
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "float32",
+        mode: str = "conservative",
+        spatial_sort: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.mode = mode
+        self.spatial_sort = spatial_sort
+        if isinstance(model, torch.nn.Module):
+            self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        else:
+            self.model = load_model(model, self.device, self.dtype)
+            self.model.requires_grad_(False)  # our own copy: no parameter gradients needed
+        self.config = self.model.config
+
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's changes (positions, numbers, cell, pbc, ...) plus charge/spin in atoms.info."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and any(
+            not np.array_equal(self.atoms.info.get(key), atoms.info.get(key)) for key in INFO_KEYS
+        ):
+            changes.append("info")
+        return changes
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        """Fill self.results with every property this system and mode allow, in one evaluation."""
+        super().calculate(atoms, properties, system_changes)
+        stress_possible = self.mode == "conservative" and bool(self.atoms.pbc.all())
+        if "stress" in properties:
+            self._check_stress_possible(self.atoms)
+        (self.results,) = self._evaluate([self.atoms], compute_forces=True, compute_stress=stress_possible)
+
+    def calculate_batch(
+        self, atoms_list: Sequence[Atoms], properties: Sequence[str] = ("energy", "forces")
+    ) -> list[dict]:
+        """Evaluate many systems in one forward pass; one results dict per Atoms, in order.
+
+        Each dict has the keys of `properties` (plus energy, free_energy, energies), with the same
+        values and units as `atoms.calc.results` of a single calculation. Does not touch
+        self.results or the Atoms' calculators.
+        """
+        unknown = set(properties) - set(self.implemented_properties)
+        if unknown:
+            raise PropertyNotImplementedError(f"unknown properties {sorted(unknown)}; available: {self.implemented_properties}")
+        if "stress" in properties:
+            for atoms in atoms_list:
+                self._check_stress_possible(atoms)
+        return self._evaluate(atoms_list, compute_forces="forces" in properties, compute_stress="stress" in properties)
+
+    def _evaluate(self, atoms_list: Sequence[Atoms], compute_forces: bool, compute_stress: bool) -> list[dict]:
+        if len(atoms_list) == 0:
+            return []
+        for atoms in atoms_list:
+            self._check_inputs(atoms)
+        orders = [spatial_order(atoms) if self.spatial_sort else np.arange(len(atoms)) for atoms in atoms_list]
+        graph = build_graph(atoms_list, self.config.cutoff, self.dtype, self.device, atom_order=orders)
+        needs_autograd = self.mode == "conservative" and (compute_forces or compute_stress)
+        with torch.set_grad_enabled(needs_autograd):
+            output = self.model(graph, compute_forces=compute_forces, compute_stress=compute_stress, mode=self.mode)
+        output = {key: value.detach().to("cpu", torch.float64).numpy() for key, value in output.items()}
+
+        results, start = [], 0
+        for system, (atoms, order) in enumerate(zip(atoms_list, orders)):
+            in_graph = slice(start, start + len(atoms))
+            start += len(atoms)
+            energy = float(output["energy"][system])
+            result = {
+                "energy": energy,
+                "free_energy": energy,
+                "energies": _unpermute(output["energies"][in_graph], order),
+            }
+            if "forces" in output:
+                result["forces"] = _unpermute(output["forces"][in_graph], order)
+            if "stress" in output:
+                result["stress"] = full_3x3_to_voigt_6_stress(output["stress"][system])
+            results.append(result)
+        return results
+
+    def _check_inputs(self, atoms: Atoms) -> None:
+        """Raise ValueError naming the problem for Atoms this model cannot evaluate."""
+        validate_atoms(atoms)
+        known = set(self.config.species)
+        unknown = sorted(set(atoms.numbers.tolist()) - known)
+        if unknown:
+            names = ", ".join(f"{_symbol(z)} (Z={z})" for z in unknown)
+            supported = ", ".join(_symbol(z) for z in sorted(known))
+            raise ValueError(f"this model does not know the element(s) {names}; it supports {supported}")
+        charge, spin = read_charge_spin(atoms)
+        config = self.config
+        if not config.use_charge_spin:
+            if (charge, spin) != (0, 1):
+                raise ValueError(
+                    f"this model was trained without total charge and spin, but atoms.info sets "
+                    f"charge={charge}, spin={spin}; remove atoms.info['charge'] and ['spin'] "
+                    "(the model treats every system alike) or use a charge/spin-aware model"
+                )
+            return
+        if abs(charge) > config.max_charge:
+            raise ValueError(f"atoms.info['charge']={charge} is outside the model's range ±{config.max_charge}")
+        if not 1 <= spin <= config.max_spin:
+            raise ValueError(f"atoms.info['spin']={spin} (multiplicity 2S+1) is outside the model's range 1..{config.max_spin}")
+        electrons = int(atoms.numbers.sum()) - charge
+        if (electrons + spin - 1) % 2:
+            raise ValueError(
+                f"charge {charge} and spin multiplicity {spin} are inconsistent: {electrons} electrons "
+                f"need an {'even' if electrons % 2 else 'odd'} multiplicity (set atoms.info['spin'])"
+            )
+
+    def _check_stress_possible(self, atoms: Atoms) -> None:
+        if self.mode == "direct":
+            raise PropertyNotImplementedError(
+                "stress needs mode='conservative': the direct force head gives no strain derivative"
+            )
+        if not atoms.pbc.all():
+            raise PropertyNotImplementedError(
+                f"stress needs a cell periodic in all three directions; this one has pbc={atoms.pbc.tolist()}"
+            )
+
+
+def _unpermute(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Per-atom `values` in graph order -> Atoms order (graph atom k is Atoms atom order[k])."""
+    restored = np.empty_like(values)
+    restored[order] = values
+    return restored
+
+
+def _symbol(atomic_number: int) -> str:
+    return chemical_symbols[atomic_number] if 0 < atomic_number < len(chemical_symbols) else f"Z{atomic_number}"

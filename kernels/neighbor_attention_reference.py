@@ -1,0 +1,116 @@
+"""Neighbour attention with an attention sink and a smooth envelope: plain PyTorch reference.
+
+This is the CPU path, the path used when double backward is needed (training on
+conservative forces) and the oracle for the Triton kernel in ``neighbor_attention.py``.
+
+Graph convention: edge ``e`` goes from source atom ``j = source_index[e]`` to target atom
+``i``; edges are stored as a CSR sorted by target, the edges of ``i`` being
+``row_ptr[i] <= e < row_ptr[i + 1]``. The edge vector is ``r_e = r_j - r_i`` (plus the
+periodic shift), in Å.
+
+For target ``i`` and head ``h``, with ``d_e = |r_e|`` and the envelope
+``p(d) = 1 - 6x^5 + 15x^4 - 10x^3`` (``x = d / cutoff``, ``p = 0`` beyond the cutoff)::
+
+    s_e = logit_scale[e, h] * <query[i, h], key[j, h]> / sqrt(D) + logit_bias[e, h]
+    P_e = p(d_e) exp(s_e) / (sink + sum_{e' of i} p(d_e') exp(s_e'))
+    out[i, a, h, :] = sum_{e of i} P_e * value_weight[e, h] * u_e[a] * value[j, h, :]
+
+with the payload ``u_e = r_e / d_e`` (``"direction"``, A = 3) or ``u_e = [1 / d_e]``
+(``"inverse_distance"``, A = 1). The sink is a neighbour with logit ``log(sink)`` and no
+value, so atoms whose neighbours are all weak attend mostly to nothing, and atoms with no
+neighbours get 0.
+"""
+
+import math
+
+import torch
+
+PAYLOAD_WIDTH = {"direction": 3, "inverse_distance": 1}
+
+
+def envelope(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Smooth cutoff p(d) = 1 - 6x^5 + 15x^4 - 10x^3 with x = d / cutoff; 0 for d >= cutoff.
+
+    p, p' and p'' vanish at the cutoff, so attention weights and forces are continuous when an
+    atom crosses it.
+    """
+    x = distance / cutoff
+    polynomial = 1.0 + x**3 * (-10.0 + x * (15.0 - 6.0 * x))
+    return torch.where(x < 1.0, polynomial, torch.zeros_like(x))
+
+
+def edge_payload(edge_vector: torch.Tensor, payload: str) -> torch.Tensor:
+    """The geometric factor u_e of each edge: [E, 3] unit vectors or [E, 1] inverse distances (1/Å)."""
+    distance = edge_vector.norm(dim=-1, keepdim=True)
+    if payload == "direction":
+        return edge_vector / distance
+    if payload == "inverse_distance":
+        return 1.0 / distance
+    raise ValueError(f"payload must be one of {sorted(PAYLOAD_WIDTH)}, got {payload!r}")
+
+
+def target_index_from_row_ptr(row_ptr: torch.Tensor, num_edges: int) -> torch.Tensor:
+    """[E] target atom of each edge, expanded from the CSR row pointer [N + 1]."""
+    counts = row_ptr[1:] - row_ptr[:-1]
+    nodes = torch.arange(counts.numel(), device=row_ptr.device)
+    return torch.repeat_interleave(nodes, counts, output_size=num_edges)
+
+
+def neighbor_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    edge_vector: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    value_weight: torch.Tensor,
+    row_ptr: torch.Tensor,
+    source_index: torch.Tensor,
+    cutoff: float,
+    payload: str = "direction",
+    sink: float = 1e-3,
+) -> torch.Tensor:
+    """Neighbour attention by gather / scatter; differentiable to any order.
+
+    Args:
+        query, key: [N, H, D] invariant per-head query and key of each atom.
+        value: [N, H, V] per-head value payload of each atom.
+        edge_vector: [E, 3] r_j - r_i in Å for each edge (j = source, i = target).
+        logit_scale, logit_bias, value_weight: [E, H] per-edge, per-head scalars.
+        row_ptr: [N + 1] CSR row pointer of the edges sorted by target.
+        source_index: [E] source atom j of each edge.
+        cutoff: envelope radius in Å.
+        payload: "direction" (u = r / |r|, A = 3) or "inverse_distance" (u = 1 / |r|, A = 1).
+        sink: weight of the attention sink (> 0).
+
+    Returns:
+        out: [N, A, H, V].
+
+    Memory: materialises the gathered keys and values ([E, H, D], [E, H, V]) and the messages
+    ([E, A, H, V]); use the Triton kernel where that matters.
+    """
+    if sink <= 0:
+        raise ValueError("sink must be positive")
+    num_nodes, num_heads, head_dim = query.shape
+    num_edges = source_index.numel()
+    target_index = target_index_from_row_ptr(row_ptr, num_edges)
+
+    distance = edge_vector.norm(dim=-1)
+    u = edge_payload(edge_vector, payload)  # [E, A]
+    qk = (query[target_index] * key[source_index]).sum(-1)  # [E, H]
+    logit = logit_scale * qk / math.sqrt(head_dim) + logit_bias
+
+    # Per-target shift including the sink's logit. The softmax does not depend on it, so it is
+    # detached: the gradient stays exact and the max needs no derivative.
+    log_sink = math.log(sink)
+    shift = torch.full((num_nodes, num_heads), log_sink, dtype=logit.dtype, device=logit.device)
+    shift = shift.scatter_reduce(0, target_index[:, None].expand(-1, num_heads), logit.detach(), "amax")
+
+    weight = envelope(distance, cutoff)[:, None] * torch.exp(logit - shift[target_index])  # [E, H]
+    denominator = torch.exp(log_sink - shift).index_add(0, target_index, weight)  # [N, H]
+    probability = weight / denominator[target_index]
+
+    coefficient = (probability * value_weight)[:, None, :] * u[:, :, None]  # [E, A, H]
+    message = coefficient[..., None] * value[source_index][:, None]  # [E, A, H, V]
+    out = value.new_zeros(num_nodes, u.shape[1], num_heads, value.shape[-1])
+    return out.index_add(0, target_index, message)

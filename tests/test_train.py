@@ -1,0 +1,192 @@
+"""The training pipeline (issue: training): data splits, reference energies, loop, resume, divergence.
+
+Data are tiny synthetic water clusters labelled with ASE's EMT (energies and forces consistent), the
+model is a few-channel E2Former-V2, everything on the CPU.
+"""
+
+import json
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from safetensors.torch import load_file
+
+from e2former_calc.checkpoint import load_model
+from e2former_calc.dataset import element_counts, fit_reference_energies, frame_id, frame_labels, load_frames, split_frames
+from e2former_calc.train import TrainConfig, TrainingDiverged, load_config, main, train
+
+TINY_MODEL = dict(channels=8, num_blocks=1, num_heads=2, head_dim=4, cutoff=4.0, num_radial=6,
+                  edge_hidden=8, avg_num_neighbors=4.0)
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_water_small.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these tiny models only lose time to thread hand-offs on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def water_cluster(n_waters: int, rng: np.random.Generator):
+    """n_waters randomly rotated, slightly distorted waters about 2.9 Å apart, labelled with EMT."""
+    atoms = molecule("H2O")[:0]
+    for k in range(n_waters):
+        water = molecule("H2O")
+        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
+        water.positions += rng.normal(scale=0.05, size=(3, 3)) + [2.9 * k, rng.normal(scale=0.3), 0]
+        atoms += water
+    atoms.calc = EMT()
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    """24 frames of 1-3 waters in two files (one gzipped); every 2 frames share a 'snapshot'."""
+    rng = np.random.default_rng(0)
+    frames = []
+    for index in range(24):
+        atoms = water_cluster(1 + index % 3, rng)
+        atoms.info.update(charge=0, spin=1, method="EMT", n_waters=1 + index % 3, snapshot=index // 2, temperature_K=300.0)
+        frames.append(atoms)
+    folder = tmp_path_factory.mktemp("data")
+    ase.io.write(folder / "part_a.extxyz", frames[:12], format="extxyz")
+    ase.io.write(folder / "part_b.extxyz.gz", frames[12:], format="extxyz")
+    return [str(folder / "part_*.extxyz*")]
+
+
+def make_config(data_files, run_dir, **changes) -> TrainConfig:
+    raw = {
+        "data": {"paths": data_files, "val_fraction": 0.25, "test_fraction": 0.25, "group_by": ["temperature_K", "snapshot"]},
+        "model": {"preset": "water_small", "overrides": TINY_MODEL},
+        "optimizer": {"lr": 1e-2, "warmup_epochs": 1},
+        "loss": {"energy_weight": 1.0, "force_weight": 0.1},
+        "run_dir": str(run_dir), "epochs": 2, "batch_size": 2, "ema_decay": 0.5, "device": "cpu",
+    }
+    for key, value in changes.items():
+        section, _, leaf = key.rpartition("__")
+        (raw.setdefault(section, {}) if section else raw)[leaf] = value
+    return TrainConfig.from_dict(raw)
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reference_fit_recovers_known_element_energies():
+    rng = np.random.default_rng(1)
+    truth = np.array([-13.6, -1029.0, -2041.5])  # eV per H, C, O
+    counts = rng.integers(0, 8, size=(40, 3)).astype(float)
+    energies = counts @ truth + rng.normal(scale=1e-3, size=40)  # small "interaction" noise
+    fitted, rank = fit_reference_energies(counts, energies)
+    assert rank == 3
+    np.testing.assert_allclose(fitted, truth, atol=2e-3)
+    # Pure water (H always twice O) leaves one direction undetermined; totals are still reproduced.
+    water = np.stack([2 * np.arange(1, 9), np.arange(1, 9)], axis=1).astype(float)
+    fitted, rank = fit_reference_energies(water, water @ np.array([-13.6, -2041.5]))
+    assert rank == 1
+    np.testing.assert_allclose(water @ fitted, water @ np.array([-13.6, -2041.5]), rtol=1e-12)
+
+
+def test_split_is_deterministic_disjoint_and_grouped(data_files):
+    frames = load_frames(data_files)
+    assert len(frames) == 24
+    split = split_frames(frames, 0.25, 0.25, seed=3, group_by=["temperature_K", "snapshot"])
+    ids = {name: {frames[k].info["frame_id"] for k in indices} for name, indices in split.items()}
+    assert sum(map(len, ids.values())) == 24 and len(set.union(*ids.values())) == 24  # disjoint and complete
+    assert len(ids["test"]) >= 6 and len(ids["val"]) >= 6 and len(ids["train"]) >= 8
+    for name, indices in split.items():  # no snapshot on two sides
+        snapshots = {frames[k].info["snapshot"] for k in indices}
+        others = {frames[k].info["snapshot"] for other, rest in split.items() if other != name for k in rest}
+        assert not snapshots & others
+    # Same membership by frame id from reversed file order; another seed gives another split.
+    reversed_frames = frames[::-1]
+    again = split_frames(reversed_frames, 0.25, 0.25, seed=3, group_by=["temperature_K", "snapshot"])
+    assert {name: {reversed_frames[k].info["frame_id"] for k in indices} for name, indices in again.items()} == ids
+    other = split_frames(frames, 0.25, 0.25, seed=4, group_by=["temperature_K", "snapshot"])
+    assert {frames[k].info["frame_id"] for k in other["test"]} != ids["test"]
+    # Frame ids depend on the configuration only.
+    moved = frames[0].copy()
+    moved.positions[0, 0] += 1e-3
+    assert frame_id(frames[0].copy()) == frames[0].info["frame_id"] != frame_id(moved)
+
+
+def test_training_reduces_loss_fits_references_and_exports(data_files, tmp_path):
+    run_dir = tmp_path / "run"
+    config = make_config(data_files, run_dir, epochs=10, patience=100)
+    summary = train(config)
+    log = read_log(run_dir)
+    assert [line["epoch"] for line in log] == list(range(1, 11))
+    assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"], [line["train_loss"] for line in log]
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+
+    # The exported model carries the least-squares reference energies of the training split only.
+    frames = {atoms.info["frame_id"]: atoms for atoms in load_frames(data_files)}
+    train_frames = [frames[i] for i in json.loads((run_dir / "split.json").read_text())["train"]]
+    model = load_model(summary["model"])
+    counts = element_counts(train_frames, model.config.species)
+    expected, _ = fit_reference_energies(counts, np.array([frame_labels(atoms)[0] for atoms in train_frames]))
+    np.testing.assert_allclose(model.reference_energy.numpy(), expected, rtol=1e-6)
+
+    results = json.loads((run_dir / "test_metrics.json").read_text())
+    assert results["force_mode"] == "conservative"
+    per_size = results["test"]["per_cluster_size"]
+    assert set(per_size) <= {"1 waters", "2 waters", "3 waters"} and per_size
+    assert sum(m["n_frames"] for m in per_size.values()) == results["test"]["overall"]["n_frames"] > 0
+    description = json.loads(Path(summary["model"]).with_suffix(".json").read_text())
+    assert description["metadata"]["training_data"]["split_sizes"] == {k: len(v) for k, v in json.loads(
+        (run_dir / "split.json").read_text()).items() if k in ("train", "val", "test")}
+
+
+def test_resume_continues_exactly(data_files, tmp_path):
+    """2 epochs straight == 1 epoch, stop, resume; across the direct -> conservative switch."""
+    straight = make_config(data_files, tmp_path / "straight", direct_force_epochs=1)
+    train(straight)
+    interrupted = make_config(data_files, tmp_path / "interrupted", direct_force_epochs=1)
+    assert train(interrupted, stop_after_epochs=1)["finished"] is False
+    assert len(read_log(tmp_path / "interrupted")) == 1
+    with pytest.raises(FileExistsError):
+        train(interrupted)  # a fresh start must not overwrite a run
+    train(interrupted, resume=True)
+
+    def without_times(log):
+        return [{k: v for k, v in line.items() if k != "time_s"} for line in log]
+
+    assert [line["mode"] for line in read_log(tmp_path / "straight")] == ["direct", "conservative"]
+    assert without_times(read_log(tmp_path / "straight")) == without_times(read_log(tmp_path / "interrupted"))
+    for name in ("checkpoint_latest.pt",):
+        a = torch.load(tmp_path / "straight" / name, weights_only=True)
+        b = torch.load(tmp_path / "interrupted" / name, weights_only=True)
+        for part in ("model", "ema"):
+            assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    exported = [load_file(str(tmp_path / run / "model.safetensors")) for run in ("straight", "interrupted")]
+    assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
+
+
+def test_nan_loss_stops_with_a_clear_error(data_files, tmp_path, capsys):
+    config = make_config(data_files, tmp_path / "diverge", epochs=1, optimizer__lr=1e30, optimizer__max_grad_norm=None)
+    with pytest.raises(TrainingDiverged, match="non-finite training loss at epoch 1"):
+        train(config)
+    assert not (tmp_path / "diverge" / "checkpoint_latest.pt").exists()
+    # The command line reports it and exits with status 1 (config from YAML plus overrides).
+    config_path = tmp_path / "diverge.yaml"
+    config_path.write_text(json.dumps({**config.to_dict(), "run_dir": str(tmp_path / "diverge_cli")}))
+    assert main([str(config_path), "--override", "optimizer.lr=1e30"]) == 1
+    assert "non-finite training loss" in capsys.readouterr().err
+
+
+def test_example_config_is_valid():
+    config = load_config(EXAMPLE)
+    assert config.model.preset == "water_small" and config.model.overrides["cutoff"] == 5.0
+    assert 0 < config.direct_force_epochs < config.epochs  # conservative fine-tuning at the end
+    assert config.data.test_fraction > 0
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_config(EXAMPLE, ["optimizer.learning_rate=1e-3"])
