@@ -238,3 +238,20 @@ register_subcommand(
     Subcommand("rdf", "radial distribution function of a trajectory, against experiment",
                _add_rdf_arguments, _run_rdf)
 )
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="training config (YAML), e.g. examples/train_water_small.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the config's run_dir exactly")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a config value, e.g. optimizer.lr=1e-4 (repeatable)")
+    parser.add_argument("--stop-after", type=int, metavar="EPOCHS", help="stop this invocation after EPOCHS epochs")
+
+
+def _run_train(arguments: argparse.Namespace) -> int:
+    from e2former_calc.train import run
+
+    return run(arguments)
+
+
+register_subcommand(Subcommand("train", "train a model from a YAML config", _add_train_arguments, _run_train))

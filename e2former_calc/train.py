@@ -542,15 +542,8 @@ def _truncate_log(path: Path, epochs: int) -> None:
 
 
 # ----------------------------------------------------------------------------------- commands
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="training config (YAML), e.g. examples/train_water_small.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue the run in the config's run_dir exactly")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a config value, e.g. optimizer.lr=1e-4 (repeatable)")
-    parser.add_argument("--stop-after", type=int, metavar="EPOCHS", help="stop this invocation after EPOCHS epochs")
-
-
 def run(arguments: argparse.Namespace) -> int:
+    """`e2former train` (arguments declared in e2former_calc.cli, which stays torch-free)."""
     config = load_config(arguments.config, arguments.override)
     try:
         train(config, resume=arguments.resume, stop_after_epochs=arguments.stop_after)
@@ -560,11 +553,7 @@ def run(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m e2former_calc.train", description="Train an E2Former-V2 model.")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from e2former_calc.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -97,20 +97,25 @@ def _envelope(distance, cutoff):
 
 
 @triton.jit
-def _load_edge_geometry(R, edge, valid, cutoff, DIRECTION: tl.constexpr):
-    """Edge vector [M, 4] (4th column 0), distance [M] (1 on masked lanes), p, p', payload u.
-
-    u is [M, 4] (r / d, 4th column 0) for the direction payload and [M, 1] (1 / d) otherwise.
-    """
-    offs_c = tl.arange(0, 4)
-    r = tl.load(R + edge[:, None] * 3 + offs_c[None, :], mask=valid[:, None] & (offs_c[None, :] < 3), other=0.0)
-    distance = tl.where(valid, tl.sqrt(tl.sum(r * r, axis=1)), 1.0)
+def _load_edge_geometry(R, edge, valid, cutoff):
+    """Edge vector components rx, ry, rz [M], distance [M] (1 on masked lanes), p and p'."""
+    rx = tl.load(R + edge * 3, mask=valid, other=0.0)
+    ry = tl.load(R + edge * 3 + 1, mask=valid, other=0.0)
+    rz = tl.load(R + edge * 3 + 2, mask=valid, other=0.0)
+    distance = tl.where(valid, tl.sqrt(rx * rx + ry * ry + rz * rz), 1.0)
     p, dp = _envelope(distance, cutoff)
+    return rx, ry, rz, distance, p, dp
+
+
+@triton.jit
+def _payload_columns(rx, ry, rz, distance, col_a, DIRECTION: tl.constexpr):
+    """u_e[a] laid out over the flattened (a, v) columns: [M, BLOCK_AV] (direction) or [M, 1]."""
+    inverse = 1.0 / distance
     if DIRECTION:
-        u = r / distance[:, None]
+        a = col_a[None, :]
+        return tl.where(a == 0, (rx * inverse)[:, None], tl.where(a == 1, (ry * inverse)[:, None], (rz * inverse)[:, None]))
     else:
-        u = (1.0 / distance)[:, None]
-    return r, distance, p, dp, u
+        return inverse[:, None]
 
 
 @triton.jit
@@ -118,6 +123,10 @@ def _load_scalar_params(PARAMS):
     """cutoff, log(sink) and 1/sqrt(D), read from a tensor so they keep the compute precision."""
     return tl.load(PARAMS), tl.log(tl.load(PARAMS + 1)), tl.load(PARAMS + 2)
 
+
+# The per-target [A, V] blocks are flattened to one axis of BLOCK_AV = BLOCK_A * BLOCK_V columns,
+# column c holding (a, v) = (c // BLOCK_V, c % BLOCK_V): 2-D tiles only (3-D tiles with
+# broadcasts crashed Triton 3.6's layout pass on sm_90).
 
 # ----------------------------------------------------------------------------- forward
 
@@ -128,7 +137,7 @@ def _forward_kernel(
     OUT, LSE,  # outputs: [N, A, H, V], [N, H]
     N, H, D, VD, A,
     DIRECTION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_AV: tl.constexpr,
 ):
     head = tl.program_id(1)
     node = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -136,17 +145,18 @@ def _forward_kernel(
     row_start = tl.load(ROW_PTR + node, mask=node_ok, other=0).to(tl.int64)
     degree = tl.load(ROW_PTR + node + 1, mask=node_ok, other=0).to(tl.int64) - row_start
     offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_V)
-    offs_a = tl.arange(0, BLOCK_A)
     d_ok = offs_d < D
-    v_ok = offs_v < VD
+    offs_av = tl.arange(0, BLOCK_AV)
+    col_a = offs_av // BLOCK_V
+    col_v = offs_av % BLOCK_V
+    col_ok = (col_a < A) & (col_v < VD)
 
     q = tl.load(Q + ((node * H + head) * D)[:, None] + offs_d[None, :], mask=node_ok[:, None] & d_ok[None, :], other=0.0)
     cutoff, log_sink, qk_scale = _load_scalar_params(PARAMS)
 
     mu = tl.zeros([BLOCK_M], dtype=q.dtype) + log_sink  # the sink is the first neighbour
     z = tl.zeros([BLOCK_M], dtype=q.dtype) + 1.0
-    acc = tl.zeros([BLOCK_M, BLOCK_A, BLOCK_V], dtype=q.dtype)
+    acc = tl.zeros([BLOCK_M, BLOCK_AV], dtype=q.dtype)
     for step in range(0, tl.max(degree, axis=0)):
         valid = step < degree
         edge = row_start + step
@@ -155,20 +165,20 @@ def _forward_kernel(
         g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
         b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
         phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
-        _, _, p, _, u = _load_edge_geometry(R, edge, valid, cutoff, DIRECTION)
+        rx, ry, rz, distance, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
+        u = _payload_columns(rx, ry, rz, distance, col_a, DIRECTION)
 
         s = tl.where(valid, g * tl.sum(q * key, axis=1) * qk_scale + b, float("-inf"))
         mu_new = tl.maximum(mu, s)
         rescale = tl.exp(mu - mu_new)
         w = tl.where(valid, p * tl.exp(s - mu_new), 0.0)
         z = z * rescale + w
-        val = tl.load(V + ((src * H + head) * VD)[:, None] + offs_v[None, :], mask=valid[:, None] & v_ok[None, :], other=0.0)
-        acc = acc * rescale[:, None, None] + ((w * phi)[:, None] * u)[:, :, None] * val[:, None, :]
+        val = tl.load(V + ((src * H + head) * VD)[:, None] + col_v[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0)
+        acc = acc * rescale[:, None] + (w * phi)[:, None] * u * val
         mu = mu_new
 
-    out_ptr = OUT + (((node[:, None] * A + offs_a[None, :]) * H + head) * VD)[:, :, None] + offs_v[None, None, :]
-    out_mask = (node_ok[:, None] & (offs_a[None, :] < A))[:, :, None] & v_ok[None, None, :]
-    tl.store(out_ptr, acc / z[:, None, None], mask=out_mask)
+    out_ptr = OUT + ((node[:, None] * A + col_a[None, :]) * H + head) * VD + col_v[None, :]
+    tl.store(out_ptr, acc / z[:, None], mask=node_ok[:, None] & col_ok[None, :])
     tl.store(LSE + node * H + head, mu + tl.log(z), mask=node_ok)
 
 
@@ -181,7 +191,7 @@ def _backward_target_kernel(
     DQ, DSCALE, DBIAS, DVW, DR_PER_HEAD,  # outputs: [N, H, D], 3 x [E, H], [E, H, 3]
     N, H, D, VD, A,
     DIRECTION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_AV: tl.constexpr,
 ):
     head = tl.program_id(1)
     node = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -189,20 +199,20 @@ def _backward_target_kernel(
     row_start = tl.load(ROW_PTR + node, mask=node_ok, other=0).to(tl.int64)
     degree = tl.load(ROW_PTR + node + 1, mask=node_ok, other=0).to(tl.int64) - row_start
     offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_V)
-    offs_a = tl.arange(0, BLOCK_A)
-    offs_c = tl.arange(0, 4)
     d_ok = offs_d < D
-    v_ok = offs_v < VD
+    offs_av = tl.arange(0, BLOCK_AV)
+    col_a = offs_av // BLOCK_V
+    col_v = offs_av % BLOCK_V
+    col_ok = (col_a < A) & (col_v < VD)
 
     q_offset = ((node * H + head) * D)[:, None] + offs_d[None, :]
     q = tl.load(Q + q_offset, mask=node_ok[:, None] & d_ok[None, :], other=0.0)
     cutoff, log_sink_unused, qk_scale = _load_scalar_params(PARAMS)
     lse = tl.load(LSE + node * H + head, mask=node_ok, other=0.0)
-    row_offset = (((node[:, None] * A + offs_a[None, :]) * H + head) * VD)[:, :, None] + offs_v[None, None, :]
-    row_mask = (node_ok[:, None] & (offs_a[None, :] < A))[:, :, None] & v_ok[None, None, :]
-    grad_out = tl.load(DOUT + row_offset, mask=row_mask, other=0.0)  # [M, A, V]
-    delta = tl.sum(tl.sum(grad_out * tl.load(OUT + row_offset, mask=row_mask, other=0.0), axis=2), axis=1)
+    row_offset = ((node[:, None] * A + col_a[None, :]) * H + head) * VD + col_v[None, :]
+    row_mask = node_ok[:, None] & col_ok[None, :]
+    grad_out = tl.load(DOUT + row_offset, mask=row_mask, other=0.0)  # [M, AV]
+    delta = tl.sum(grad_out * tl.load(OUT + row_offset, mask=row_mask, other=0.0), axis=1)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=q.dtype)
     for step in range(0, tl.max(degree, axis=0)):
@@ -210,32 +220,42 @@ def _backward_target_kernel(
         edge = row_start + step
         src = tl.load(SRC + edge, mask=valid, other=0).to(tl.int64)
         key = tl.load(K + ((src * H + head) * D)[:, None] + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
-        val = tl.load(V + ((src * H + head) * VD)[:, None] + offs_v[None, :], mask=valid[:, None] & v_ok[None, :], other=0.0)
+        val = tl.load(V + ((src * H + head) * VD)[:, None] + col_v[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0)
         g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
         b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
         phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
-        r, distance, p, dp, u = _load_edge_geometry(R, edge, valid, cutoff, DIRECTION)
+        rx, ry, rz, distance, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
+        u = _payload_columns(rx, ry, rz, distance, col_a, DIRECTION)
 
         qk = tl.sum(q * key, axis=1)
         unenveloped = tl.where(valid, tl.exp(g * qk * qk_scale + b - lse), 0.0)  # P_e / p_e
         prob = p * unenveloped
-        c_a = tl.sum(grad_out * val[:, None, :], axis=2)  # [M, A]: <dOut_a, v_j>
-        c = tl.sum(u * c_a, axis=1)
+        grad_val = grad_out * val  # [M, AV]: dOut[a, v] * v_j[v]
+        c = tl.sum(grad_val * u, axis=1)
         d_logit = prob * (phi * c - delta)
         tl.store(DSCALE + edge * H + head, d_logit * qk * qk_scale, mask=valid)
         tl.store(DBIAS + edge * H + head, d_logit, mask=valid)
         tl.store(DVW + edge * H + head, prob * c, mask=valid)
         dq += (d_logit * g * qk_scale)[:, None] * key
 
-        d_u = (prob * phi)[:, None] * c_a
         d_distance = unenveloped * (phi * c - delta) * dp
-        unit = r / distance[:, None]
+        inverse = 1.0 / distance
+        ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
         if DIRECTION:  # d(r/|r|)/dr = (1 - r_hat r_hat^T) / |r|
-            d_r = d_distance[:, None] * unit + (d_u - unit * tl.sum(unit * d_u, axis=1)[:, None]) / distance[:, None]
+            dux = prob * phi * tl.sum(tl.where(col_a[None, :] == 0, grad_val, 0.0), axis=1)
+            duy = prob * phi * tl.sum(tl.where(col_a[None, :] == 1, grad_val, 0.0), axis=1)
+            duz = prob * phi * tl.sum(tl.where(col_a[None, :] == 2, grad_val, 0.0), axis=1)
+            radial = ux * dux + uy * duy + uz * duz
+            drx = d_distance * ux + (dux - ux * radial) * inverse
+            dry = d_distance * uy + (duy - uy * radial) * inverse
+            drz = d_distance * uz + (duz - uz * radial) * inverse
         else:  # d(1/|r|)/dr = -r_hat / |r|^2
-            d_r = (d_distance - tl.sum(d_u, axis=1) / (distance * distance))[:, None] * unit
-        d_r_ptr = DR_PER_HEAD + ((edge * H + head) * 3)[:, None] + offs_c[None, :]
-        tl.store(d_r_ptr, d_r, mask=valid[:, None] & (offs_c[None, :] < 3))
+            along = d_distance - prob * phi * tl.sum(grad_val, axis=1) * inverse * inverse
+            drx, dry, drz = along * ux, along * uy, along * uz
+        d_r_ptr = DR_PER_HEAD + (edge * H + head) * 3
+        tl.store(d_r_ptr, drx, mask=valid)
+        tl.store(d_r_ptr + 1, dry, mask=valid)
+        tl.store(d_r_ptr + 2, drz, mask=valid)
 
     tl.store(DQ + q_offset, dq, mask=node_ok[:, None] & d_ok[None, :])
 
@@ -246,7 +266,7 @@ def _backward_source_kernel(
     DK, DV,  # outputs: [N, H, D], [N, H, V]
     N, H, D, VD, A,
     DIRECTION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_AV: tl.constexpr,
 ):
     head = tl.program_id(1)
     node = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -255,7 +275,6 @@ def _backward_source_kernel(
     degree = tl.load(COL_PTR + node + 1, mask=node_ok, other=0).to(tl.int64) - slot_start
     offs_d = tl.arange(0, BLOCK_D)
     offs_v = tl.arange(0, BLOCK_V)
-    offs_a = tl.arange(0, BLOCK_A)
     d_ok = offs_d < D
     v_ok = offs_v < VD
 
@@ -276,13 +295,19 @@ def _backward_source_kernel(
         b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
         phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
         d_logit = tl.load(DBIAS + edge * H + head, mask=valid, other=0.0)  # written by the target kernel
-        _, _, p, _, u = _load_edge_geometry(R, edge, valid, cutoff, DIRECTION)
+        rx, ry, rz, distance, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
 
         prob = tl.where(valid, p * tl.exp(g * tl.sum(q * key, axis=1) * qk_scale + b - lse), 0.0)
-        grad_out_ptr = DOUT + (((tgt[:, None] * A + offs_a[None, :]) * H + head) * VD)[:, :, None] + offs_v[None, None, :]
-        grad_out_mask = (valid[:, None] & (offs_a[None, :] < A))[:, :, None] & v_ok[None, None, :]
-        grad_out = tl.load(grad_out_ptr, mask=grad_out_mask, other=0.0)  # [M, A, V]
-        dv += tl.sum(((prob * phi)[:, None] * u)[:, :, None] * grad_out, axis=1)
+        weight = prob * phi / distance  # times r for the direction payload, alone for 1/|r|
+        grad_out_ptr = DOUT + ((tgt * A * H + head) * VD)[:, None] + offs_v[None, :]  # row a = 0
+        grad_mask = valid[:, None] & v_ok[None, :]
+        if DIRECTION:  # sum_a u_a dOut[a] with u = r / |r|; rows a are H * VD apart
+            grad_x = tl.load(grad_out_ptr, mask=grad_mask, other=0.0)
+            grad_y = tl.load(grad_out_ptr + H * VD, mask=grad_mask, other=0.0)
+            grad_z = tl.load(grad_out_ptr + 2 * H * VD, mask=grad_mask, other=0.0)
+            dv += weight[:, None] * (rx[:, None] * grad_x + ry[:, None] * grad_y + rz[:, None] * grad_z)
+        else:  # u = 1 / |r|
+            dv += weight[:, None] * tl.load(grad_out_ptr, mask=grad_mask, other=0.0)
         dk += (d_logit * g * qk_scale)[:, None] * q
 
     tl.store(DK + k_offset, dk, mask=node_ok[:, None] & d_ok[None, :])
@@ -296,14 +321,15 @@ def _launch_config(num_nodes, num_heads, head_dim, value_dim, payload):
     """Compile-time block sizes and the grid (tiles of targets x heads)."""
     block_a = 4 if payload == "direction" else 1
     block_v = triton.next_power_of_2(value_dim)
-    # Keep the [BLOCK_M, BLOCK_A, BLOCK_V] accumulator at about 4k elements per program.
-    block_m = max(16, min(64, 4096 // (block_a * block_v)))
+    # 16 targets per tile: Triton 3.6 crashed in its layout pass (sm_90) for BLOCK_M = 32 and for
+    # 64 with 4 warps, across head/value widths (benchmarks/kernel_configs.py sweeps this).
+    block_m = 16
     meta = dict(
         DIRECTION=payload == "direction",
         BLOCK_M=block_m,
         BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_V=block_v,
-        BLOCK_A=block_a,
+        BLOCK_AV=block_a * block_v,
         num_warps=NUM_WARPS,
     )
     grid = (triton.cdiv(num_nodes, block_m), num_heads)

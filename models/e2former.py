@@ -222,15 +222,27 @@ class EquivariantAttention(nn.Module):
         self.value = DegreeWiseLinear(L, C, C)
         self.edge_scalars = EdgeScalars(config.num_radial, len(config.species), config.edge_hidden, H)
         self.paths = first_order_paths(L)
-        for index, (l1, l3) in enumerate(self.paths):
-            # R1(r̂) = sqrt(3) r̂ in component normalisation; rows of the CG's middle index are x, y, z.
-            cg = clebsch_gordan(l1, 1, l3, dtype=torch.get_default_dtype())
-            self.register_buffer(f"cg_{index}", math.sqrt(3) * cg, persistent=False)
+        self._coupling_cache = {}
         self.output = nn.ModuleList(
             nn.Linear(sum(1 for _, l3 in self.paths if l3 == l) * C, C, bias=(l == 0)) for l in range(L + 1)
         )
         if config.value_path == "eaas":
             self.eaas = EAASTensorProduct(L, 1, L)
+
+    def couplings(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """sqrt(3) CG(l1, 1, l3) [2l1+1, 3, 2l3+1] per path, in `like`'s dtype and device.
+
+        R1(r̂) = sqrt(3) r̂ in component normalisation; the CG's middle index runs over x, y, z.
+        Built from the float64 tables on first use and cached (not buffers, so that casting the
+        model to float32 and back never rounds them).
+        """
+        key = (like.dtype, like.device)
+        if key not in self._coupling_cache:
+            self._coupling_cache[key] = [
+                (math.sqrt(3) * clebsch_gordan(l1, 1, l3)).to(dtype=like.dtype, device=like.device)
+                for l1, l3 in self.paths
+            ]
+        return self._coupling_cache[key]
 
     def invariants(self, x: torch.Tensor) -> torch.Tensor:
         """[N, (L+1)^2, C] -> [N, (L+1)*C]: s_l = sum_m (W1_l x)_lm * (W2_l x)_lm per degree."""
@@ -262,8 +274,8 @@ class EquivariantAttention(nn.Module):
         if cfg.value_path == "moments":
             moments = attend(values, "direction")  # [N, 3, R, C]
             path_outputs = [
-                torch.einsum("nfmc,mfo->noc", moments[:, :, l1 * l1 : (l1 + 1) ** 2], getattr(self, f"cg_{i}"))
-                for i, (l1, _) in enumerate(self.paths)
+                torch.einsum("nfmc,mfo->noc", moments[:, :, l1 * l1 : (l1 + 1) ** 2], coupling)
+                for (l1, _), coupling in zip(self.paths, self.couplings(moments))
             ]
         else:
             source_terms = self.eaas(values, positions)  # [N, R_T, C]

@@ -115,7 +115,7 @@ def solid_harmonics_tensor(l: int, dtype=torch.float64, device=None) -> torch.Te
 
 
 @functools.lru_cache(maxsize=None)
-def _wigner_samples(l: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _wigner_samples(l: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Fibonacci-sphere points P [K, 3] (K = 2(2l+1), well conditioned) and pinv(Y_l(P)^T) [K, 2l+1]."""
     k = 2 * (2 * l + 1)
     i = torch.arange(k, dtype=torch.float64) + 0.5
@@ -123,7 +123,8 @@ def _wigner_samples(l: int) -> tuple[torch.Tensor, torch.Tensor]:
     rho = torch.sqrt(1 - y * y)
     phi = math.pi * (3 - math.sqrt(5)) * i
     points = torch.stack([rho * torch.sin(phi), y, rho * torch.cos(phi)], dim=-1)
-    return points, torch.linalg.pinv(_solid_harmonics(l, points).T)
+    pinv = torch.linalg.pinv(_solid_harmonics(l, points).T)
+    return points.to(dtype=dtype, device=device), pinv.to(dtype=dtype, device=device)
 
 
 def wigner_D(l: int, rotation: torch.Tensor) -> torch.Tensor:
@@ -137,9 +138,7 @@ def wigner_D(l: int, rotation: torch.Tensor) -> torch.Tensor:
         return torch.ones(*rotation.shape[:-2], 1, 1, dtype=rotation.dtype, device=rotation.device)
     if l == 1:
         return rotation.clone()  # Y_1(r) = sqrt(3) r
-    points, pinv = _wigner_samples(l)
-    points = points.to(dtype=rotation.dtype, device=rotation.device)
-    pinv = pinv.to(dtype=rotation.dtype, device=rotation.device)
+    points, pinv = _wigner_samples(l, rotation.dtype, rotation.device)
     rotated = _solid_harmonics(l, torch.einsum("...ij,kj->...ki", rotation, points))  # [..., K, 2l+1]
     return torch.einsum("...ki,kj->...ij", rotated, pinv)
 

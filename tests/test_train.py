@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from e2former_calc.checkpoint import load_model
 from e2former_calc.dataset import element_counts, fit_reference_energies, frame_id, frame_labels, load_frames, split_frames
-from e2former_calc.train import TrainConfig, TrainingDiverged, load_config, main, train
+from e2former_calc.cli import main as cli_main
+from e2former_calc.train import TrainConfig, TrainingDiverged, load_config, train
 
 TINY_MODEL = dict(channels=8, num_blocks=1, num_heads=2, head_dim=4, cutoff=4.0, num_radial=6,
                   edge_hidden=8, avg_num_neighbors=4.0)
@@ -179,7 +180,7 @@ def test_nan_loss_stops_with_a_clear_error(data_files, tmp_path, capsys):
     # The command line reports it and exits with status 1 (config from YAML plus overrides).
     config_path = tmp_path / "diverge.yaml"
     config_path.write_text(json.dumps({**config.to_dict(), "run_dir": str(tmp_path / "diverge_cli")}))
-    assert main([str(config_path), "--override", "optimizer.lr=1e30"]) == 1
+    assert cli_main(["train", str(config_path), "--override", "optimizer.lr=1e30"]) == 1
     assert "non-finite training loss" in capsys.readouterr().err
 
 
