@@ -20,15 +20,7 @@ from e2former_calc.models.eaas import (
 CASES = [(l, l_filter, l) for l_filter in (1, 2) for l in (1, 2, 3)] + [(3, 1, 2), (2, 2, 3)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64_single_thread():
-    # e3nn builds its tables in the default dtype, so make the oracle float64 too.
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_single_thread")
 
 
 def relative_error(a, b):

@@ -11,16 +11,7 @@ DEGREES = range(L_MAX + 1)
 TRIPLES = [(l1, l2, l3) for l1 in DEGREES for l2 in DEGREES for l3 in range(abs(l1 - l2), min(l1 + l2, L_MAX) + 1)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64_single_thread():
-    # e3nn builds its own tables in the default dtype, so make the oracle float64 too.
-    # The test machine has 2 busy cores; small float64 linear algebra is faster on one thread.
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64_single_thread")
 
 
 def relative_error(a, b):
