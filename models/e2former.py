@@ -252,7 +252,7 @@ class EquivariantAttention(nn.Module):
 
     def forward(self, x, graph: AtomicGraph, edge_vector, radial_basis, species_pair, positions, create_graph):
         cfg = self.config
-        N, R, C, H = x.shape[0], x.shape[1], cfg.channels, cfg.num_heads
+        N, C, H = x.shape[0], cfg.channels, cfg.num_heads
         invariants = self.invariants(x)
         query = self.query(invariants).view(N, H, cfg.head_dim)
         key = self.key(invariants).view(N, H, cfg.head_dim)

@@ -1,0 +1,42 @@
+"""The shipped water model: loads by name, matches its card, and is a working calculator."""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from ase.build import molecule
+
+import e2former_calc
+from e2former_calc import E2FormerCalculator, load_model
+
+PRETRAINED = Path(e2former_calc.__file__).parent / "pretrained"
+NAME = "e2former-v2-water-s"
+
+
+def test_shipped_checkpoint_loads_by_name_and_its_sha256_matches_the_card():
+    model = load_model(NAME)
+    assert model.config.species == (1, 8)
+    weights = PRETRAINED / f"{NAME}.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert json.loads((PRETRAINED / f"{NAME}.json").read_text())["weights_sha256"] == digest
+    card = (PRETRAINED / "MODEL_CARD.md").read_text()
+    assert re.search(r"sha256[^0-9a-f]*([0-9a-f]{64})", card).group(1) == digest
+
+
+def test_shipped_model_restores_a_stretched_oh_bond():
+    """A physical sanity check any usable water model passes: stretching O-H by 0.15 Å costs
+    energy and the force on that H points back towards its O; no net force on the molecule."""
+    water = molecule("H2O")
+    stretched = water.copy()
+    bond = stretched.positions[1] - stretched.positions[0]
+    stretched.positions[1] += 0.15 * bond / np.linalg.norm(bond)
+    energies = []
+    for atoms in (water, stretched):
+        atoms.calc = E2FormerCalculator(model=NAME, device="cpu", dtype="float64")
+        energies.append(atoms.get_potential_energy())
+    forces = stretched.get_forces()
+    assert energies[1] > energies[0] + 0.05
+    assert np.dot(forces[1], bond) < 0
+    assert abs(forces.sum(axis=0)).max() < 1e-8
