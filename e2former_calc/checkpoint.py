@@ -131,6 +131,11 @@ def load_model(
     return model.to(device=device, dtype=stored if dtype is None else resolve_dtype(dtype)).eval()
 
 
+def model_description(name_or_path: str | Path) -> dict:
+    """The JSON description (architecture, metadata, ...) of a registered name or checkpoint path."""
+    return read_description(_locate(name_or_path)[1])
+
+
 def read_description(json_path: Path) -> dict:
     """The checkpoint's JSON, checked for format, version, required keys and units."""
     try:

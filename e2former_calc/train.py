@@ -120,6 +120,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     ema_decay: float = 0.99  # 0 makes the EMA model the live model
     patience: int = 20  # epochs without validation improvement before stopping (conservative phase)
+    max_minutes: float | None = None  # wall-clock budget of one invocation: stop before an epoch would overrun it
     seed: int = 0  # model initialisation and batch order
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:k"
     dtype: str = "float32"
@@ -458,7 +459,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
         f"{summary['split_sizes']} frames; reference energies {summary['reference_energies_eV']} eV "
         f"(rank {summary['reference_fit_rank']}); energy_scale {summary['energy_scale_eV']:.4g} eV; device {device}, {config.dtype}"
     )
-    epochs_this_run = 0
+    epochs_this_run, invocation_start = 0, time.perf_counter()
     while state["epoch"] < config.epochs and not state["stopped_early"]:
         epoch = state["epoch"]
         mode = "direct" if epoch < config.direct_force_epochs else "conservative"
@@ -499,6 +500,11 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
         if state["stopped_early"]:
             tqdm.write(f"early stopping: no validation improvement for {config.patience} epochs (best epoch {state['best_epoch']})")
         epochs_this_run += 1
+        if config.max_minutes is not None and state["epoch"] < config.epochs and not state["stopped_early"]:
+            elapsed = time.perf_counter() - invocation_start
+            if elapsed + elapsed / epochs_this_run > 60 * config.max_minutes:
+                state["stopped_early"] = True
+                tqdm.write(f"time budget: another epoch would overrun max_minutes={config.max_minutes}; finishing now")
         if stop_after_epochs is not None and epochs_this_run >= stop_after_epochs and state["epoch"] < config.epochs:
             tqdm.write(f"stopping after {epochs_this_run} epochs as asked; continue with --resume")
             return {"epochs_done": state["epoch"], "finished": False}

@@ -172,6 +172,15 @@ def test_resume_continues_exactly(data_files, tmp_path):
     assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
 
 
+def test_time_budget_stops_between_epochs_and_still_exports(data_files, tmp_path):
+    """max_minutes: stop before an epoch would overrun the budget, then test and export as usual."""
+    config = make_config(data_files, tmp_path / "timed", epochs=50, max_minutes=1e-9)
+    summary = train(config)
+    assert summary["finished"] and summary["epochs_done"] == 1
+    assert len(read_log(tmp_path / "timed")) == 1 and Path(summary["model"]).exists()
+    assert json.loads(Path(summary["model"]).with_suffix(".json").read_text())["metadata"]["stopped_early"]
+
+
 def test_nan_loss_stops_with_a_clear_error(data_files, tmp_path, capsys):
     config = make_config(data_files, tmp_path / "diverge", epochs=1, optimizer__lr=1e30, optimizer__max_grad_norm=None)
     with pytest.raises(TrainingDiverged, match="non-finite training loss at epoch 1"):

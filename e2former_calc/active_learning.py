@@ -1,0 +1,164 @@
+"""Active learning: carve clusters from MD run with a trained model, keep those a committee disputes most.
+
+    python -m e2former_calc.active_learning select TRAJ [TRAJ ...] --committee MODEL MODEL [MODEL ...]
+        --out data/water/al_round1.extxyz [--round 1] [--n-select 40] [--candidates-per-frame 8]
+        [--min-waters 4] [--max-waters 8] [--skip 5] [--seed 0]
+
+The round, top to bottom:
+
+    explore:  `e2former md --model M --water 64 ...` at a few temperatures (periodic liquid, the
+              model's own dynamics, so it visits what the model believes, right or wrong)
+    carve:    from every trajectory frame after --skip, clusters of the n waters nearest a random
+              water (sampling.carve_cluster, n uniform in [min_waters, max_waters])
+    score:    committee disagreement of each cluster = max over atoms of the standard deviation of
+              the predicted force vector across the committee, sqrt(sum_xyz var_k F_k), in eV/Å
+    select:   the n_select highest scores, at most --per-frame from one trajectory frame
+    label:    `python -m e2former_calc.datagen label OUT --out-dir data/water` (the output is a plan)
+
+Committee members may differ in force mode: each predicts in the mode its checkpoint was selected in
+(`metrics.force_mode` of the training export), else conservative. Each selected frame records
+`source` = "active-learning", `al_round`, `committee_disagreement` (eV/Å), the trajectory it came
+from (`trajectory`, `md_step`) and the usual provenance (`seed`, `snapshot`, `temperature_K`,
+`n_waters`, `centre`), so frames of one trajectory frame share a split group in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import torch
+from ase import Atoms
+from tqdm import tqdm
+
+from e2former_calc import sampling
+from e2former_calc.checkpoint import load_model, model_description
+from e2former_calc.datagen import config_id
+from e2former_calc.neighbors import build_graph
+
+MAX_OH_BOND = 1.3  # Å; a cluster with a longer intramolecular O–H (a dissociating water) is not carved
+PLAN_INDEX_STRIDE = 100_000  # plan_index of round r starts at r * PLAN_INDEX_STRIDE (no clash with the base plan)
+
+
+def trajectory_snapshots(path: Path, temperature: float, seed: int, skip: int) -> list[Atoms]:
+    """The frames of one MD trajectory after `skip`, with the provenance keys carve_cluster copies."""
+    snapshots = ase.io.read(path, index=f"{skip}:")
+    for index, atoms in enumerate(snapshots):
+        atoms.info.update(seed=seed, temperature_K=temperature, snapshot=index + skip,
+                          trajectory=str(path), md_step=int(atoms.info.get("step", -1)))
+    return snapshots
+
+
+def intact(cluster: Atoms) -> bool:
+    """Every water of the (O, H, H)-ordered cluster has both O–H bonds shorter than MAX_OH_BOND."""
+    molecules = cluster.positions.reshape(-1, sampling.ATOMS_PER_WATER, 3)
+    bonds = np.linalg.norm(molecules[:, 1:] - molecules[:, :1], axis=-1)
+    return bool((bonds < MAX_OH_BOND).all())
+
+
+def carve_candidates(snapshots: list[Atoms], per_frame: int, min_waters: int, max_waters: int,
+                     rng: np.random.Generator) -> list[Atoms]:
+    """`per_frame` intact clusters per snapshot, random centres and sizes in [min_waters, max_waters]."""
+    candidates = []
+    for snapshot in snapshots:
+        n_molecules = len(snapshot) // sampling.ATOMS_PER_WATER
+        for centre in rng.choice(n_molecules, size=min(per_frame, n_molecules), replace=False):
+            cluster = sampling.carve_cluster(snapshot, int(centre), int(rng.integers(min_waters, max_waters + 1)))
+            if intact(cluster):
+                cluster.info.update(trajectory=snapshot.info["trajectory"], md_step=snapshot.info["md_step"])
+                candidates.append(cluster)
+    return candidates
+
+
+def predicted_forces(model, frames: list[Atoms], mode: str, batch_size: int = 32) -> list[np.ndarray]:
+    """Forces (eV/Å) of each frame, [n_atoms, 3] arrays, from `model` in force `mode`."""
+    device, dtype = model.reference_energy.device, model.reference_energy.dtype
+    forces = []
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start : start + batch_size]
+        graph = build_graph(chunk, model.config.cutoff, dtype=dtype, device=device)
+        predicted = model(graph, compute_forces=True, mode=mode)["forces"].detach().cpu().double().numpy()
+        forces += np.split(predicted, np.cumsum([len(atoms) for atoms in chunk])[:-1])
+    return forces
+
+
+def committee_disagreement(members: list[tuple[torch.nn.Module, str]], frames: list[Atoms]) -> np.ndarray:
+    """[n_frames] max over atoms of sqrt(sum_xyz var_k F_k) across the committee's (model, mode) members, eV/Å."""
+    per_member = [predicted_forces(model, frames, mode) for model, mode in tqdm(members, desc="committee", unit="model")]
+    scores = []
+    for index in range(len(frames)):
+        stacked = np.stack([forces[index] for forces in per_member])  # [K, n_atoms, 3]
+        scores.append(np.sqrt(stacked.var(axis=0).sum(axis=-1)).max())
+    return np.asarray(scores)
+
+
+def select_disputed(candidates: list[Atoms], scores: np.ndarray, n_select: int, per_frame: int) -> list[Atoms]:
+    """The highest-scoring candidates, at most `per_frame` from one trajectory frame, best first."""
+    chosen, taken = [], {}
+    for index in np.argsort(-scores, kind="stable"):
+        frame_key = (candidates[index].info["trajectory"], candidates[index].info["md_step"])
+        if taken.get(frame_key, 0) >= per_frame:
+            continue
+        taken[frame_key] = taken.get(frame_key, 0) + 1
+        cluster = candidates[index]
+        cluster.info["committee_disagreement"] = float(scores[index])
+        chosen.append(cluster)
+        if len(chosen) == n_select:
+            break
+    return chosen
+
+
+def load_committee(paths: list[str], device: str) -> list[tuple[torch.nn.Module, str]]:
+    """(model, force mode) of each checkpoint: the mode it was selected in, else conservative."""
+    members = []
+    for path in paths:
+        metadata = model_description(path).get("metadata", {})
+        members.append((load_model(path, device=device), metadata.get("metrics", {}).get("force_mode", "conservative")))
+    return members
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m e2former_calc.active_learning", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    select = commands.add_parser("select", help="carve, score with a committee, write the most disputed as a plan")
+    select.add_argument("trajectories", type=Path, nargs="+", help="MD trajectories (extxyz) of periodic water")
+    select.add_argument("--temperatures", type=float, nargs="+", required=True, help="K, one per trajectory")
+    select.add_argument("--committee", nargs="+", required=True, help="two or more model names or checkpoint paths")
+    select.add_argument("--out", type=Path, required=True)
+    select.add_argument("--round", type=int, default=1)
+    select.add_argument("--n-select", type=int, default=40)
+    select.add_argument("--candidates-per-frame", type=int, default=8)
+    select.add_argument("--per-frame", type=int, default=2, help="most selected clusters from one MD frame")
+    select.add_argument("--min-waters", type=int, default=4)
+    select.add_argument("--max-waters", type=int, default=8)
+    select.add_argument("--skip", type=int, default=5, help="trajectory frames to drop at the start")
+    select.add_argument("--seed", type=int, default=0)
+    select.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    if len(args.temperatures) != len(args.trajectories):
+        parser.error("give one --temperatures value per trajectory")
+    if len(args.committee) < 2:
+        parser.error("a committee needs at least two models")
+    rng = np.random.default_rng(args.seed)
+    candidates = []
+    for index, (path, temperature) in enumerate(zip(args.trajectories, args.temperatures)):
+        snapshots = trajectory_snapshots(path, temperature, PLAN_INDEX_STRIDE * args.round + index, args.skip)
+        candidates += carve_candidates(snapshots, args.candidates_per_frame, args.min_waters, args.max_waters, rng)
+    scores = committee_disagreement(load_committee(args.committee, args.device), candidates)
+    chosen = select_disputed(candidates, scores, args.n_select, args.per_frame)
+    for offset, cluster in enumerate(chosen):
+        cluster.info.update(source="active-learning", al_round=args.round,
+                            plan_index=PLAN_INDEX_STRIDE * args.round + offset, config_id=config_id(cluster))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    ase.io.write(args.out, chosen, format="extxyz")
+    print(f"{len(candidates)} candidates, disagreement median {np.median(scores):.3f} eV/Å, max {scores.max():.3f}; "
+          f"wrote the {len(chosen)} most disputed (>= {chosen[-1].info['committee_disagreement']:.3f} eV/Å) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
