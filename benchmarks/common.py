@@ -1,8 +1,10 @@
-"""What every benchmark script shares: the run's environment record and a CUDA-aware timer."""
+"""What every benchmark script shares: the run's environment record, CUDA-aware timers, the
+device-to-device copy bandwidth, and a guard that turns a failing case into a recorded status."""
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -14,13 +16,14 @@ import torch
 def environment() -> dict:
     """Device, versions, date, git commit and command line of this run (for results files)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
-        "command": " ".join(sys.argv),
+        "command": " ".join([sys.executable, *sys.argv]),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
@@ -32,6 +35,11 @@ def environment() -> dict:
     except ImportError:
         pass
     return record
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def time_cuda(function, warmup: int, repeats: int) -> float:
@@ -51,3 +59,65 @@ def time_cuda(function, warmup: int, repeats: int) -> float:
     for _ in range(repeats):
         function()
     return (time.perf_counter() - start_time) / repeats
+
+
+def time_calls(function, warmup: int, repeats: int, slow_s: float = 0.5) -> dict:
+    """Per-call latency of `function()`: mean_ms, min_ms and the warm-up / repeat counts used.
+
+    One untimed call first (compilation, allocator); if it took over `slow_s` seconds the counts
+    drop to 1 warm-up and 3 repeats, so that slow baselines fit in a run's time budget.
+    Each call is timed on its own (CUDA event pair on GPU, perf_counter on CPU).
+    """
+    start = time.perf_counter()
+    function()
+    synchronize()
+    if time.perf_counter() - start > slow_s:
+        warmup, repeats = 1, 3
+    for _ in range(warmup):
+        function()
+    synchronize()
+    if torch.cuda.is_available():
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for begin, end in events:
+            begin.record()
+            function()
+            end.record()
+        torch.cuda.synchronize()
+        times = [begin.elapsed_time(end) for begin, end in events]
+    else:
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            function()
+            times.append(1e3 * (time.perf_counter() - begin))
+    return dict(mean_ms=sum(times) / len(times), min_ms=min(times), warmup=warmup, reps=repeats)
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 1024) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
+    source = torch.empty(megabytes * 2**18, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    mean_ms = time_calls(lambda: target.copy_(source), warmup=5, repeats=20)["mean_ms"]
+    return 2 * megabytes * 2**20 / (mean_ms * 1e-3)
+
+
+def failure_status(error: BaseException) -> str:
+    """A one-line status for a case that raised: "OOM" or "error: <type>: <first line>"."""
+    text = str(error).strip()
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower():
+        return "OOM"
+    first_line = text.splitlines()[0][:200] if text else ""
+    return f"error: {type(error).__name__}: {first_line}"
+
+
+def guarded(function):
+    """(function(), "ok"), or (None, failure_status) if it raised (compile error, OOM, ...).
+
+    The CUDA caching allocator is emptied after a failure so that the next case starts clean.
+    """
+    try:
+        return function(), "ok"
+    except Exception as error:  # noqa: BLE001 -- recording any failure of a case is the point
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None, failure_status(error)

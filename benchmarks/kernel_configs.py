@@ -1,65 +1,267 @@
-"""Which launch configurations of the neighbour-attention kernels compile and agree with the reference.
+"""Launch configurations of the neighbour-attention kernels: which compile for sm_90, which agree
+with the reference, and which are fastest.
 
-Triton's layout passes have crashed on some tile shapes on sm_90; this sweeps BLOCK_M and
-num_warps for a few (H, D, V, payload) shapes, runs forward + backward on a small random graph
-and prints the relative error of every output against the PyTorch reference (or the error).
+    python -m benchmarks.kernel_configs --compile-only --out DIR   # any machine, no GPU: sm_90 registers/spills
+    python -m benchmarks.kernel_configs --out DIR                  # GPU: correctness + timing, ~5 min
+    TRITON_INTERPRET=1 python -m benchmarks.kernel_configs --smoke # CPU check of the GPU sweep's code path
 
-    python -m benchmarks.kernel_configs
+A configuration is (rows, warps): BLOCK_R consecutive (atom, head) rows per program and
+num_warps (``LaunchConfig``). Each kernel (forward, target-side backward, source-side backward)
+is swept on its own through the E2FORMER_ATTENTION_CONFIG override (``kernel=ROWSxWARPS``),
+the other two keeping their defaults.
+
+--compile-only compiles every configuration for sm_90 on the CPU (Triton's own ptxas) and
+reports registers and spill bytes per thread, or the compiler error: Triton 3.6 crashed in its
+layout passes on some tile shapes. The GPU sweep first checks each configuration against the
+PyTorch reference on a small ragged graph (output and all 7 gradients), then times the kernel
+alone (CUDA events) on a benchmark-sized problem. A configuration that fails to compile, fails
+the check or runs out of memory is recorded as such and skipped. Both write JSON to
+DIR/kernel_configs[_compile].json (DIR defaults to $OUT, else benchmarks/results) and print
+the best configuration per (shape, kernel) as a DEFAULT_CONFIGS entry and an override string.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+from unittest import mock
 
 import torch
 import triton
 
 import e2former_calc.kernels.neighbor_attention as attention
+from benchmarks.bench_attention import CUTOFF, OUR_INPUTS, make_problem, ragged_problem
+from benchmarks.common import environment, guarded, time_calls
 
-SHAPES = [(4, 8, 18, "direction"), (16, 16, 64, "direction"), (16, 16, 64, "inverse_distance"), (3, 5, 29, "inverse_distance")]
+# (name, H, D, V, payload, N, K): the benchmark's shape with both payloads, and the model's
+# moments path (direction) for the water_small preset and the paper's default heads.
+SHAPES = [
+    ("bench", 16, 16, 64, "inverse_distance", 32768, 64),
+    ("bench", 16, 16, 64, "direction", 32768, 64),
+    ("water_small", 16, 8, 36, "direction", 32768, 32),
+    ("paper", 128, 8, 18, "direction", 8192, 32),
+]
+SMOKE_SHAPES = [("smoke", 3, 4, 5, "inverse_distance", 24, 5), ("smoke", 3, 4, 5, "direction", 24, 5)]
+ROWS, WARPS = (16, 32, 64, 128), (2, 4, 8)
+TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
+KERNEL_FUNCTIONS = {"forward": "_forward_kernel", "target": "_backward_target_kernel", "source": "_backward_source_kernel"}
 
 
-def random_problem(heads, head_dim, value_dim, generator, num_nodes=200, max_degree=30):
-    degree = torch.randint(0, max_degree + 1, (num_nodes,), generator=generator)
-    row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), degree.cumsum(0)]).cuda()
-    num_edges = int(degree.sum())
-    source_index = torch.randint(0, num_nodes, (num_edges,), generator=generator).cuda()
-    direction = torch.randn(num_edges, 3, generator=generator)
-    vectors = direction / direction.norm(dim=1, keepdim=True) * (0.5 + 4 * torch.rand(num_edges, 1, generator=generator))
-    tensors = [torch.randn(num_nodes, heads, head_dim, generator=generator), torch.randn(num_nodes, heads, head_dim, generator=generator),
-               torch.randn(num_nodes, heads, value_dim, generator=generator), vectors,
-               1 + 0.3 * torch.randn(num_edges, heads, generator=generator), torch.randn(num_edges, heads, generator=generator),
-               1 + 0.3 * torch.randn(num_edges, heads, generator=generator)]
-    return [t.cuda() for t in tensors], row_ptr, source_index
+def sweep_points(names, payload, value_dim, dtype):
+    """(kernel, LaunchConfig) pairs to sweep: ``ROWSxWARPS`` names and "default" (the table's
+    choice for this shape), or without names the full grid ROWS x WARPS."""
+    block_v = triton.next_power_of_2(value_dim)
+    for kernel in attention.KERNELS:
+        default = attention._default_config(kernel, payload, block_v, torch.finfo(dtype).bits // 8)
+        grid = [attention.LaunchConfig(r, w) for r, w in itertools.product(ROWS, WARPS)]
+        for config in grid if not names else [
+                default if name == "default" else attention.LaunchConfig(*map(int, name.split("x"))) for name in names]:
+            yield kernel, config
 
 
-def run(tensors, row_ptr, source_index, payload, use_kernel):
-    inputs = [t.clone().requires_grad_(True) for t in tensors]
-    out = attention.neighbor_attention(*inputs, row_ptr, source_index, 5.0, payload=payload, use_kernel=use_kernel)
-    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
-    return [out] + list(grads)
+def override(kernel, config):
+    return f"{kernel}={config.block_rows}x{config.num_warps}"
+
+
+# ----------------------------------------------------------------------------- compile for sm_90 (no GPU)
+
+
+class _LaunchRecorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **meta)`` records (args, meta)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((args, meta))
+
+
+def recorded_launches(inputs, payload_transpose):
+    """{kernel: (args, meta)} of the three launches for these inputs, with nothing run."""
+    recorders = {kernel: _LaunchRecorder() for kernel in attention.KERNELS}
+    patches = [mock.patch.object(attention, KERNEL_FUNCTIONS[k], recorders[k]) for k in attention.KERNELS]
+    for patch in patches:
+        patch.start()
+    try:
+        out, lse = attention.launch_forward(inputs)
+        d_bias = attention.launch_backward_target(inputs, out, lse, out)[2]
+        attention.launch_backward_source(inputs, payload_transpose, lse, out, d_bias)
+    finally:
+        for patch in patches:
+            patch.stop()
+    return {kernel: recorder.calls[0] for kernel, recorder in recorders.items()}
+
+
+def compile_for_sm90(kernel, args, meta):
+    """Compile one launch for sm_90 exactly as the launcher would specialise it; registers and
+    spill bytes per thread from ptxas -v. Uses Triton 3.6 internals (binder, _pack_args)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    function = getattr(attention, KERNEL_FUNCTIONS[kernel])
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(function.signature, function.params, backend)
+    meta = dict(meta, debug=False)
+    bound, specialization, options = binder(*args, **meta)
+    options, signature, constexprs, attrs = function._pack_args(backend, meta, bound, specialization, options)
+    compiled = triton.compile(ASTSource(function, signature, constexprs, attrs), target=target, options=options.__dict__)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as handle:
+        handle.write(compiled.asm["ptx"])
+    try:
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", handle.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(handle.name)
+    return dict(registers=int(re.search(r"Used (\d+) registers", log).group(1)),
+                spill_bytes=int(re.search(r"(\d+) bytes spill stores", log).group(1)))
+
+
+def compile_sweep(shapes, dtypes, names):
+    records = []
+    for (name, heads, head_dim, value_dim, payload, _, _), dtype in itertools.product(shapes, dtypes):
+        problem = ragged_problem(20, 4, torch.device("cpu"), dtype, (heads, head_dim, value_dim))
+        inputs = attention.attention_inputs(*(problem[n] for n in OUR_INPUTS), problem["row_ptr"],
+                                            problem["source_index"], CUTOFF, payload, 1e-3)
+        transpose = attention.transpose_neighbors(problem["row_ptr"], problem["source_index"])
+        for kernel, config in sweep_points(names, payload, value_dim, dtype):
+            with mock.patch.dict(os.environ, {attention.CONFIG_ENV: override(kernel, config)}):
+                args, meta = recorded_launches(inputs, transpose)[kernel]
+            start = time.perf_counter()
+            result, status = guarded(lambda: compile_for_sm90(kernel, args, meta))
+            record = dict(shape=name, H=heads, D=head_dim, V=value_dim, payload=payload, dtype=str(dtype).split(".")[-1],
+                          kernel=kernel, rows=config.block_rows, warps=config.num_warps, status=status,
+                          compile_s=time.perf_counter() - start, **(result or {}))
+            records.append(record)
+            detail = f"{record['registers']:3d} registers, {record['spill_bytes']:5d} B spilled" if result else status
+            print(f"{name:<12} {payload:<16} {record['dtype']:<7} {kernel:<7} {config.block_rows:>3}x{config.num_warps}: "
+                  f"{detail}", flush=True)
+    return records
+
+
+# ----------------------------------------------------------------------------- GPU (or interpreter) sweep
+
+
+def max_relative_error(problem, payload, dtype):
+    """Max over output and the 7 gradients of |kernel - reference| / max |reference|."""
+    outputs = []
+    for use_kernel in (False, True):
+        inputs = {n: problem[n].clone().requires_grad_() for n in OUR_INPUTS}
+        out = attention.neighbor_attention(*inputs.values(), problem["row_ptr"], problem["source_index"], CUTOFF,
+                                           payload=payload, use_kernel=use_kernel)
+        grad_out = torch.sin(torch.arange(out.numel(), device=out.device, dtype=dtype)).reshape(out.shape)
+        outputs.append([out.detach(), *torch.autograd.grad(out, list(inputs.values()), grad_out)])
+    return max(float((got - want).abs().max() / want.abs().max().clamp_min(1e-30)) for want, got in zip(*outputs))
+
+
+def kernel_calls(problem, payload):
+    """{kernel: callable running that kernel alone} on a problem (forward outputs precomputed)."""
+    inputs = attention.attention_inputs(*(problem[n] for n in OUR_INPUTS), problem["row_ptr"], problem["source_index"],
+                                        CUTOFF, payload, 1e-3)
+    out, lse = attention.launch_forward(inputs)
+    grad_out = torch.randn_like(out)
+    d_bias = attention.launch_backward_target(inputs, out, lse, grad_out)[2]
+    transpose = attention.transpose_neighbors(problem["row_ptr"], problem["source_index"])
+    return {
+        "forward": lambda: attention.launch_forward(inputs),
+        "target": lambda: attention.launch_backward_target(inputs, out, lse, grad_out),
+        "source": lambda: attention.launch_backward_source(inputs, transpose, lse, grad_out, d_bias),
+    }
+
+
+def timing_sweep(shapes, dtypes, names, smoke, budget_s, device):
+    records, started = [], time.perf_counter()
+    warmup, repeats = (0, 1) if smoke else (5, 20)
+    for (name, heads, head_dim, value_dim, payload, num_nodes, neighbours), dtype in itertools.product(shapes, dtypes):
+        shape = (heads, head_dim, value_dim)
+        check_problem = ragged_problem(24 if smoke else 300, 5 if smoke else 40, device, dtype, shape)
+        problem, status = guarded(lambda: make_problem(num_nodes, neighbours, device, dtype=dtype, shape=shape))
+        calls, status = guarded(lambda: kernel_calls(problem, payload)) if problem else (None, status)
+        for kernel, config in sweep_points(names, payload, value_dim, dtype):
+            record = dict(shape=name, H=heads, D=head_dim, V=value_dim, payload=payload, N=num_nodes, K=neighbours,
+                          dtype=str(dtype).split(".")[-1], kernel=kernel, rows=config.block_rows, warps=config.num_warps)
+            if time.perf_counter() - started > budget_s:
+                records.append(dict(record, status="skipped: time budget"))
+                continue
+            with mock.patch.dict(os.environ, {attention.CONFIG_ENV: override(kernel, config)}):
+                error, check_status = guarded(lambda: max_relative_error(check_problem, payload, dtype))
+                if error is None:
+                    record["status"] = check_status
+                elif not error < TOLERANCE[dtype]:
+                    record.update(status="wrong", max_relative_error=error)
+                elif calls is None:
+                    record.update(status=f"problem: {status}", max_relative_error=error)
+                else:
+                    timing, time_status = guarded(lambda: time_calls(calls[kernel], warmup, repeats))
+                    record.update(status=time_status, max_relative_error=error, **(timing or {}))
+            records.append(record)
+            detail = f"{record['mean_ms']:9.3f} ms (err {record['max_relative_error']:.0e})" if "mean_ms" in record else record["status"]
+            print(f"{name:<12} {payload:<16} {record['dtype']:<7} {kernel:<7} {config.block_rows:>3}x{config.num_warps}: "
+                  f"{detail}", flush=True)
+        del problem, calls
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def best_configs(records):
+    """{(shape, payload, dtype, kernel): fastest ok record}."""
+    best = {}
+    for r in records:
+        if r.get("status") == "ok" and "mean_ms" in r:
+            key = (r["shape"], r["payload"], r["dtype"], r["kernel"])
+            if key not in best or r["mean_ms"] < best[key]["mean_ms"]:
+                best[key] = r
+    return best
+
+
+def print_best(best):
+    print("\nfastest configuration per (shape, payload, dtype, kernel):")
+    for (shape, payload, dtype, kernel), r in sorted(best.items()):
+        print(f"  {shape:<12} {payload:<16} {dtype:<7} {kernel:<7} LaunchConfig({r['rows']}, {r['warps']})"
+              f"  {r['mean_ms']:.3f} ms")
+    for (shape, payload, dtype), group in itertools.groupby(sorted(best), key=lambda key: key[:3]):
+        setting = ",".join(f"{key[3]}={best[key]['rows']}x{best[key]['warps']}" for key in group)
+        print(f"  {attention.CONFIG_ENV}={setting}   # {shape} {payload} {dtype}")
 
 
 def main():
-    original = attention._launch_config
-    generator = torch.Generator().manual_seed(0)
-    for (heads, head_dim, value_dim, payload), block_m, warps in itertools.product(SHAPES, (16, 32, 64), (2, 4)):
-        def launch_config(num_nodes, num_heads, d, v, p, block_m=block_m, warps=warps):
-            grid, meta = original(num_nodes, num_heads, d, v, p)
-            meta.update(BLOCK_M=block_m, num_warps=warps)
-            return (triton.cdiv(num_nodes, block_m), num_heads), meta
-
-        attention._launch_config = launch_config
-        tensors, row_ptr, source_index = random_problem(heads, head_dim, value_dim, generator)
-        try:
-            reference = run(tensors, row_ptr, source_index, payload, False)
-            kernel = run(tensors, row_ptr, source_index, payload, True)
-            errors = [((k - r).norm() / r.norm()).item() for k, r in zip(kernel, reference)]
-            verdict = f"max rel err {max(errors):.1e}"
-        except Exception as error:  # noqa: BLE001 -- a compiler crash is what we sweep for
-            verdict = f"FAILED: {type(error).__name__}"
-        print(f"H={heads:3d} D={head_dim:3d} V={value_dim:3d} {payload:16s} BLOCK_M={block_m:3d} warps={warps}: {verdict}", flush=True)
-    attention._launch_config = original
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="directory for the JSON")
+    parser.add_argument("--compile-only", action="store_true", help="compile for sm_90 on this machine, run nothing")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; configurations 16x4 and 32x2 unless --configs")
+    parser.add_argument("--configs", nargs="*", default=None,
+                        help="ROWSxWARPS names and/or 'default' (default: rows 16..128 x warps 2, 4, 8)")
+    parser.add_argument("--shapes", nargs="*", default=None, help="shape names to sweep (default: all)")
+    parser.add_argument("--dtypes", nargs="*", default=["float32"], choices=["float32", "float64"])
+    parser.add_argument("--budget-s", type=float, default=420.0, help="start no new configuration after this")
+    args = parser.parse_args()
+    shapes = SMOKE_SHAPES if args.smoke else [s for s in SHAPES if args.shapes is None or s[0] in args.shapes]
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    names = args.configs or (["16x4", "32x2"] if args.smoke else None)
+    started = time.perf_counter()
+    report = dict(environment(), compile_only=args.compile_only)
+    if args.compile_only:
+        report["results"] = compile_sweep(shapes, dtypes, names)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        report["results"] = timing_sweep(shapes, dtypes, names, args.smoke, args.budget_s, device)
+        print_best(best_configs(report["results"]))
+    report["wall_s"] = time.perf_counter() - started
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "kernel_configs_compile.json" if args.compile_only else "kernel_configs.json")
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=1)
+    print(f"wrote {path} ({report['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":

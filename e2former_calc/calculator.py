@@ -12,6 +12,11 @@ strain derivative of the energy over the volume; mode="direct" takes forces from
 
 Total charge and spin multiplicity are read from atoms.info["charge"] and atoms.info["spin"]
 (defaults 0 and 1) and are part of the state: changing them invalidates cached results.
+
+For MD pass `skin` (Å, e.g. 1.0): the calculator then keeps a Verlet neighbour list between
+calls and searches again only after some atom has moved more than skin / 2; the graph, hence
+every result, is the same as with a search on every call, bit for bit in cells at least
+2 (cutoff + skin) thick and up to rounding in thinner ones (`VerletGraphBuilder`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,14 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from e2former_calc.checkpoint import load_model, resolve_device, resolve_dtype
-from e2former_calc.neighbors import build_graph, read_charge_spin, spatial_order, validate_atoms
+from e2former_calc.neighbors import (
+    VerletGraphBuilder,
+    build_graph,
+    read_charge_spin,
+    spatial_order,
+    validate_atoms,
+)
+from e2former_calc.models.graph import AtomicGraph
 
 MODES = ("conservative", "direct")
 INFO_KEYS = ("charge", "spin")
@@ -42,6 +54,9 @@ class E2FormerCalculator(Calculator):
     mode:   "conservative" (forces = -dE/dr, stress available) or "direct" (force head).
     spatial_sort: evaluate the atoms in Morton order (local neighbour gathers on the GPU);
             results are always returned in the order of the Atoms.
+    skin:   Å; above 0, single-system calculations reuse a Verlet neighbour list searched within
+            cutoff + skin until some atom has moved more than skin / 2 (same results, fewer
+            searches in MD). 0 searches on every call. `calculate_batch` always searches.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -53,6 +68,7 @@ class E2FormerCalculator(Calculator):
         dtype: str | torch.dtype = "float32",
         mode: str = "conservative",
         spatial_sort: bool = True,
+        skin: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -68,6 +84,7 @@ class E2FormerCalculator(Calculator):
             self.model = load_model(model, self.device, self.dtype)
             self.model.requires_grad_(False)  # our own copy: no parameter gradients needed
         self.config = self.model.config
+        self.graph_builder = VerletGraphBuilder(self.config.cutoff, skin, self.dtype, self.device, spatial_sort)
 
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
         """ASE's changes (positions, numbers, cell, pbc, ...) plus charge/spin in atoms.info."""
@@ -84,7 +101,9 @@ class E2FormerCalculator(Calculator):
         stress_possible = self.mode == "conservative" and bool(self.atoms.pbc.all())
         if "stress" in properties:
             self._check_stress_possible(self.atoms)
-        (self.results,) = self._evaluate([self.atoms], compute_forces=True, compute_stress=stress_possible)
+        self._check_inputs(self.atoms)
+        graph, order = self.graph_builder(self.atoms)
+        (self.results,) = self._run_model(graph, [order], compute_forces=True, compute_stress=stress_possible)
 
     def calculate_batch(
         self, atoms_list: Sequence[Atoms], properties: Sequence[str] = ("energy", "forces")
@@ -101,24 +120,27 @@ class E2FormerCalculator(Calculator):
         if "stress" in properties:
             for atoms in atoms_list:
                 self._check_stress_possible(atoms)
-        return self._evaluate(atoms_list, compute_forces="forces" in properties, compute_stress="stress" in properties)
-
-    def _evaluate(self, atoms_list: Sequence[Atoms], compute_forces: bool, compute_stress: bool) -> list[dict]:
         if len(atoms_list) == 0:
             return []
         for atoms in atoms_list:
             self._check_inputs(atoms)
         orders = [spatial_order(atoms) if self.spatial_sort else np.arange(len(atoms)) for atoms in atoms_list]
         graph = build_graph(atoms_list, self.config.cutoff, self.dtype, self.device, atom_order=orders)
+        return self._run_model(graph, orders, compute_forces="forces" in properties, compute_stress="stress" in properties)
+
+    def _run_model(
+        self, graph: AtomicGraph, orders: Sequence[np.ndarray], compute_forces: bool, compute_stress: bool
+    ) -> list[dict]:
+        """Results dicts of the systems packed in `graph` (system b's atom k is atoms[orders[b][k]])."""
         needs_autograd = self.mode == "conservative" and (compute_forces or compute_stress)
         with torch.set_grad_enabled(needs_autograd):
             output = self.model(graph, compute_forces=compute_forces, compute_stress=compute_stress, mode=self.mode)
-        output = {key: value.detach().to("cpu", torch.float64).numpy() for key, value in output.items()}
+        output = _to_numpy(output)
 
         results, start = [], 0
-        for system, (atoms, order) in enumerate(zip(atoms_list, orders)):
-            in_graph = slice(start, start + len(atoms))
-            start += len(atoms)
+        for system, order in enumerate(orders):
+            in_graph = slice(start, start + len(order))
+            start += len(order)
             energy = float(output["energy"][system])
             result = {
                 "energy": energy,
@@ -171,6 +193,17 @@ class E2FormerCalculator(Calculator):
             raise PropertyNotImplementedError(
                 f"stress needs a cell periodic in all three directions; this one has pbc={atoms.pbc.tolist()}"
             )
+
+
+def _to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The model's outputs as float64 numpy arrays, moved to the host in one copy."""
+    flat = torch.cat([value.detach().reshape(-1) for value in tensors.values()])
+    flat = flat.to("cpu", torch.float64).numpy()
+    arrays, start = {}, 0
+    for name, value in tensors.items():
+        arrays[name] = flat[start : start + value.numel()].reshape(value.shape)
+        start += value.numel()
+    return arrays
 
 
 def _unpermute(values: np.ndarray, order: np.ndarray) -> np.ndarray:

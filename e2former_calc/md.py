@@ -18,13 +18,16 @@ With ``restart=True`` and an existing ``restart.npz`` the run continues from the
 to `steps` (the total length of the run), after cutting the trajectory and log back to what
 they held at that save, so `n` steps, a restart and `n` more give the same trajectory as `2n`
 steps in one go: bit for bit when the calculator's results depend on the positions alone
-(not, e.g., on a neighbour list kept from earlier calls).
+(not, e.g., on a neighbour list kept from earlier calls). `max_seconds` bounds the wall-clock
+time of one call: the run then saves its state and returns early (``completed=False``), and
+the next call with ``restart=True`` goes on from there; long runs can so be done in chunks.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +74,11 @@ class Watchdog:
     max_temperature_K: float = 5000.0
     max_energy_change_per_atom_eV: float = 1.0
 
-    def problem(self, atoms: Atoms, reference_energy_per_atom: float) -> str | None:
-        """Why `atoms` (with a calculated energy and forces) is not a good frame, or None."""
-        energy = atoms.get_potential_energy()
-        forces = atoms.get_forces(apply_constraint=False)
+    def problem(
+        self, atoms: Atoms, energy: float, forces: np.ndarray, reference_energy_per_atom: float
+    ) -> str | None:
+        """Why `atoms`, whose calculator gave `energy` (eV) and `forces` [n, 3] (eV/Å, before
+        constraints), is not a good frame, or None."""
         for name, values in (
             ("potential energy", energy),
             ("forces", forces),
@@ -100,7 +104,9 @@ class Watchdog:
 
 @dataclass(frozen=True)
 class MDResult:
-    """Where a finished run wrote its output and how far it went (`steps`: last step done)."""
+    """Where a run wrote its output and how far it went: `steps` is the last step done, and
+    `completed` says whether that is the requested total (False when `max_seconds` ran out).
+    `elapsed_s` is the wall-clock time of this call's steps, output included."""
 
     trajectory_path: Path
     log_path: Path
@@ -108,6 +114,8 @@ class MDResult:
     steps: int
     started_from_step: int
     final_temperature_K: float
+    completed: bool
+    elapsed_s: float
 
 
 def run_md(
@@ -125,6 +133,8 @@ def run_md(
     restart: bool = True,
     progress: bool = True,
     watchdog: Watchdog | None = Watchdog(),
+    keep_momenta: bool = False,
+    max_seconds: float | None = None,
 ) -> MDResult:
     """Run `steps` MD steps in total (counting those done before a restart) on `atoms`.
 
@@ -133,8 +143,12 @@ def run_md(
     start, the temperature of the Maxwell–Boltzmann velocities drawn from `seed` (zero total
     momentum, rescaled to exactly `temperature_K`). `coupling_time_fs` is the Nosé–Hoover
     `tdamp`, the Bussi `taut` and the inverse Langevin friction. The same seeded generator
-    drives the stochastic thermostats and is saved in the restart file. `watchdog=None` turns
-    the checks off. Raises MDWatchdogError when the watchdog fires, ValueError for bad input.
+    drives the stochastic thermostats and is saved in the restart file. `keep_momenta=True`
+    starts a fresh run from the momenta `atoms` already has (e.g. the end of an equilibration)
+    instead. `watchdog=None` turns the checks off. With `max_seconds`, the run stops after the
+    first step that ends later than that many seconds (wall clock) after the call began, saves
+    its state and returns with ``completed=False``. Raises MDWatchdogError when the watchdog
+    fires, ValueError for bad input.
     """
     if ensemble not in ENSEMBLES:
         raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {ENSEMBLES}")
@@ -176,7 +190,8 @@ def run_md(
     else:
         state = None
         start_step = 0
-        _draw_velocities(atoms, temperature_K, rng)
+        if not keep_momenta:
+            _draw_velocities(atoms, temperature_K, rng)
         reference_energy_per_atom = atoms.get_potential_energy() / len(atoms)
         trajectory_path.write_text("")
         log_path.write_text(
@@ -189,36 +204,42 @@ def run_md(
         _restore_thermostat(dynamics, state["thermostat"])
     last_good_path = output_dir / LAST_GOOD_NAME
 
+    started = time.monotonic()
     with open(trajectory_path, "a") as trajectory, open(log_path, "a") as log:
 
-        def record(step: int) -> None:
+        def save(step: int) -> None:
+            trajectory.flush()
+            log.flush()
+            _save_state(
+                restart_path,
+                atoms,
+                step,
+                settings,
+                reference_energy_per_atom,
+                _thermostat_state(dynamics),
+                rng,
+                trajectory_bytes=os.fstat(trajectory.fileno()).st_size,
+                log_bytes=os.fstat(log.fileno()).st_size,
+            )
+
+        def record(step: int, energy: float, forces: np.ndarray) -> None:
             if step % trajectory_interval == 0:
-                write(trajectory, _snapshot(atoms, step, timestep_fs), format="extxyz")
+                write(trajectory, _snapshot(atoms, step, timestep_fs, energy, forces), format="extxyz")
             if step % log_interval == 0:
-                epot, ekin = atoms.get_potential_energy(), atoms.get_kinetic_energy()
+                ekin = atoms.get_kinetic_energy()
                 log.write(
-                    f"{step:10d} {step * timestep_fs / 1000:12.6f} {epot:18.8f} {ekin:16.8f} "
-                    f"{epot + ekin:18.8f} {atoms.get_temperature():12.4f}\n"
+                    f"{step:10d} {step * timestep_fs / 1000:12.6f} {energy:18.8f} {ekin:16.8f} "
+                    f"{energy + ekin:18.8f} {atoms.get_temperature():12.4f}\n"
                 )
             if step % restart_interval == 0 or step == steps:
-                trajectory.flush()
-                log.flush()
-                _save_state(
-                    restart_path,
-                    atoms,
-                    step,
-                    settings,
-                    reference_energy_per_atom,
-                    _thermostat_state(dynamics),
-                    rng,
-                    trajectory_bytes=os.fstat(trajectory.fileno()).st_size,
-                    log_bytes=os.fstat(log.fileno()).st_size,
-                )
+                save(step)
 
-        _check(watchdog, atoms, start_step, reference_energy_per_atom, None, last_good_path)
-        last_good = _snapshot(atoms, start_step, timestep_fs)
+        energy, forces = _energy_and_forces(atoms)
+        _check(watchdog, atoms, energy, forces, start_step, reference_energy_per_atom, None, timestep_fs, last_good_path)
+        last_good = _GoodFrame.of(atoms, start_step, energy, forces)
         if start_step == 0:
-            record(0)
+            record(0, energy, forces)
+        step = start_step
         with tqdm(
             total=steps, initial=start_step, disable=not progress, desc=f"MD {ensemble}",
             unit="step",
@@ -226,21 +247,28 @@ def run_md(
             for step in range(start_step + 1, steps + 1):
                 dynamics.step()
                 dynamics.nsteps = step
-                _check(watchdog, atoms, step, reference_energy_per_atom, last_good, last_good_path)
+                energy, forces = _energy_and_forces(atoms)
+                _check(watchdog, atoms, energy, forces, step, reference_energy_per_atom, last_good,
+                       timestep_fs, last_good_path)
                 if watchdog is not None:
-                    last_good = _snapshot(atoms, step, timestep_fs)
-                record(step)
+                    last_good = _GoodFrame.of(atoms, step, energy, forces)
+                record(step, energy, forces)
                 bar.update()
                 if step % log_interval == 0:
                     bar.set_postfix(T=f"{atoms.get_temperature():.0f} K")
+                if max_seconds is not None and step < steps and time.monotonic() - started > max_seconds:
+                    save(step)
+                    break
 
     return MDResult(
         trajectory_path=trajectory_path,
         log_path=log_path,
         restart_path=restart_path,
-        steps=max(steps, start_step),
+        steps=step,
         started_from_step=start_step,
         final_temperature_K=float(atoms.get_temperature()),
+        completed=step >= steps,
+        elapsed_s=time.monotonic() - started,
     )
 
 
@@ -370,27 +398,50 @@ def _truncate(path: Path, size: int) -> None:
         handle.truncate(size)
 
 
-def _snapshot(atoms: Atoms, step: int, timestep_fs: float) -> Atoms:
-    """An unconstrained copy of `atoms` holding its current energy and the forces as the
-    calculator gave them (before constraints), and its step and time in `info`."""
+def _energy_and_forces(atoms: Atoms) -> tuple[float, np.ndarray]:
+    """The potential energy (eV) and the calculator's forces before constraints [n, 3] (eV/Å)."""
+    return atoms.get_potential_energy(), atoms.get_forces(apply_constraint=False)
+
+
+def _snapshot(atoms: Atoms, step: int, timestep_fs: float, energy: float, forces: np.ndarray) -> Atoms:
+    """An unconstrained copy of `atoms` holding `energy` and `forces` (the calculator's, before
+    constraints), and its step and time in `info`."""
     frame = atoms.copy()
     frame.set_constraint()
     frame.info.update(step=step, time_fs=step * timestep_fs)
-    frame.calc = SinglePointCalculator(
-        frame,
-        energy=atoms.get_potential_energy(),
-        forces=atoms.get_forces(apply_constraint=False),
-    )
+    frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces)
     return frame
 
 
-def _check(watchdog, atoms, step, reference_energy_per_atom, last_good, last_good_path) -> None:
+@dataclass(frozen=True)
+class _GoodFrame:
+    """The state after the last step that passed the watchdog (arrays copied, no Atoms built)."""
+
+    step: int
+    positions: np.ndarray
+    momenta: np.ndarray
+    energy: float
+    forces: np.ndarray
+
+    @classmethod
+    def of(cls, atoms: Atoms, step: int, energy: float, forces: np.ndarray) -> "_GoodFrame":
+        return cls(step, atoms.get_positions(), atoms.get_momenta(), energy, forces)
+
+    def write(self, path: Path, atoms: Atoms, timestep_fs: float) -> None:
+        frame = _snapshot(atoms, self.step, timestep_fs, self.energy, self.forces)
+        frame.positions = self.positions
+        frame.set_momenta(self.momenta)
+        write(path, frame, format="extxyz")
+
+
+def _check(watchdog, atoms, energy, forces, step, reference_energy_per_atom, last_good,
+           timestep_fs, last_good_path) -> None:
     """Raise MDWatchdogError if `atoms` fails the watchdog; write `last_good` first."""
     if watchdog is None:
         return
-    reason = watchdog.problem(atoms, reference_energy_per_atom)
+    reason = watchdog.problem(atoms, energy, forces, reference_energy_per_atom)
     if reason is None:
         return
     if last_good is not None:
-        write(last_good_path, last_good, format="extxyz")
+        last_good.write(last_good_path, atoms, timestep_fs)
     raise MDWatchdogError(reason, step, last_good_path if last_good is not None else None)

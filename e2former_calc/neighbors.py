@@ -28,6 +28,10 @@ put back with the inverse permutation (the calculator does).
 Neighbour search: vesin on the CPU. For a CUDA device the search runs on the GPU with
 vesin-torch when it is installed, otherwise on the CPU followed by a copy. The search always
 runs in float64, whatever the model's dtype.
+
+MD evaluates one system over and over: `VerletGraphBuilder` builds the same graph as
+`build_graph` from a Verlet neighbour list (pairs within cutoff + skin, searched again only
+after some atom has moved more than skin / 2) and keeps the per-system constants on the device.
 """
 
 from __future__ import annotations
@@ -86,28 +90,39 @@ def read_charge_spin(atoms: Atoms) -> tuple[int, int]:
 
 def spatial_order(atoms: Atoms) -> np.ndarray:
     """[n] permutation that sorts the atoms along a Morton curve of their wrapped positions."""
-    positions = wrapped_positions(atoms)
+    return _morton_order(wrapped_positions(atoms))
+
+
+def _morton_order(positions: np.ndarray) -> np.ndarray:
+    """[n] stable argsort of the Morton codes of `positions` [n, 3] (Å) on a 2^10 grid per axis:
+    bit b of axis a goes to bit 3b + a of the code."""
     lowest = positions.min(axis=0)
     extent = max(float((positions - lowest).max()), 1e-12)
     levels = 2**MORTON_BITS_PER_AXIS - 1
     grid = np.rint((positions - lowest) / extent * levels).astype(np.uint64)
-    code = np.zeros(len(atoms), dtype=np.uint64)
-    for bit in range(MORTON_BITS_PER_AXIS):
-        for axis in range(3):
-            code |= ((grid[:, axis] >> np.uint64(bit)) & np.uint64(1)) << np.uint64(3 * bit + axis)
+    spread = grid & np.uint64(0x3FF)  # insert two zero bits between the ten bits of each axis
+    for shift, mask in ((16, 0x30000FF), (8, 0x300F00F), (4, 0x30C30C3), (2, 0x9249249)):
+        spread = (spread | (spread << np.uint64(shift))) & np.uint64(mask)
+    code = spread[:, 0] | (spread[:, 1] << np.uint64(1)) | (spread[:, 2] << np.uint64(2))
     return np.argsort(code, kind="stable")
 
 
 def wrapped_positions(atoms: Atoms) -> np.ndarray:
     """[n, 3] positions (Å) wrapped into the cell along the periodic axes only."""
-    positions = atoms.get_positions()
-    pbc = atoms.get_pbc()
+    return _wrap(atoms.get_positions(), atoms.cell.array, atoms.get_pbc())[0]
+
+
+def _wrap(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`positions` [n, 3] (Å) wrapped into the cell along the periodic axes, and the integer
+    images [n, 3] (float64) that were removed: wrapped ≈ positions - images @ cell."""
+    images = np.zeros_like(positions)
     if not pbc.any():
-        return positions
-    box = _completed_cell(atoms.cell.array, pbc)
+        return positions, images
+    box = _completed_cell(cell, pbc)
     fractional = np.linalg.solve(box.T, positions.T).T
-    fractional[:, pbc] -= np.floor(fractional[:, pbc])
-    return fractional @ box
+    images[:, pbc] = np.floor(fractional[:, pbc])
+    fractional[:, pbc] -= images[:, pbc]
+    return fractional @ box, images
 
 
 def neighbor_pairs(
@@ -120,7 +135,8 @@ def neighbor_pairs(
     """Directed pairs (target i, source j, integer shift S) with |r_j + S @ cell - r_i| < cutoff.
 
     positions [n, 3] and cell [3, 3] in Å (numpy, float64), pbc [3] bool. Returns long tensors
-    i [P], j [P], S [P, 3] on `device`, sorted by i then j; both directions of a pair present.
+    i [P], j [P], S [P, 3] on `device`, sorted by i then j (the images of one pair, which only
+    cells thinner than twice the cutoff have, in the search's order); both directions present.
     """
     device = torch.device(device)
     box = _completed_cell(cell, pbc)
@@ -132,15 +148,15 @@ def neighbor_pairs(
             periodic=torch.as_tensor(pbc, dtype=torch.bool, device=device),
             quantities="ijS",
         )
-        # The GPU search returns pairs in no fixed order; sort them so that the CSR is valid and
-        # the summation order (hence the result) is reproducible.
-        order = torch.argsort(target.long() * len(positions) + source.long(), stable=True)
-        return target[order].long(), source[order].long(), shift[order].long()
-    search = NeighborList(cutoff=cutoff, full_list=True, sorted=True)
-    target, source, shift = search.compute(
-        points=positions, box=box, periodic=pbc.tolist(), quantities="ijS"
-    )
-    return tuple(torch.as_tensor(a.astype(np.int64), device=device) for a in (target, source, shift))
+    else:
+        search = NeighborList(cutoff=cutoff, full_list=True, sorted=False)
+        pairs = search.compute(points=positions, box=box, periodic=pbc.tolist(), quantities="ijS")
+        target, source, shift = (torch.as_tensor(a.astype(np.int64), device=device) for a in pairs)
+    # Sort by (i, j) on every device: the CSR needs i sorted, and a fixed order of the edges
+    # fixes the summation order, hence the result to the last bit.
+    target, source, shift = target.long(), source.long(), shift.long()
+    order = torch.argsort(target * len(positions) + source, stable=True)
+    return target[order], source[order], shift[order]
 
 
 def build_graph(
@@ -197,6 +213,118 @@ def build_graph(
         charge=tensor(charges, torch.long),
         spin=tensor(spins, torch.long),
     )
+
+
+class VerletGraphBuilder:
+    """The `AtomicGraph` of one system, call after call (an MD run), from a Verlet list.
+
+    Pairs are searched within `cutoff + skin` (Å) and kept until some atom has moved more than
+    skin / 2 from where it was at that search, or the number of atoms, the elements, the cell,
+    pbc, charge or spin change; every call keeps the stored pairs with |r_ij| < cutoff (float64)
+    in the current positions. A pair within the cutoff now was within cutoff + skin at the
+    search, so no pair is missed. The graph is the one `build_graph([atoms], cutoff, dtype,
+    device, atom_order=[order])` builds, tensor for tensor, with `order` the Morton order
+    (`spatial_sort=True`) or the identity: same positions (wrapped, centred), same edges in the
+    same order, same integer shifts. The one exception is a pair of atoms with several periodic
+    images within the cutoff (cells thinner than 2 (cutoff + skin)): its edges may come in
+    another order, which changes the results by rounding only. `skin=0` searches on every call.
+
+    Per call the host computes the atom order and wrapped positions ([n, 3], n atoms) and sends
+    them, with the integer images the wrap removed, to `device`; the pair list ([P] indices and
+    [P, 3] shifts), elements, cell, charge and spin stay there between searches. `searches`
+    counts the neighbour searches done.
+    """
+
+    def __init__(
+        self,
+        cutoff: float,
+        skin: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        spatial_sort: bool = True,
+    ):
+        if not cutoff > 0:
+            raise ValueError(f"cutoff must be positive, got {cutoff}")
+        if not skin >= 0:
+            raise ValueError(f"skin must be zero or positive (Å), got {skin}")
+        self.cutoff, self.skin, self.dtype = float(cutoff), float(skin), dtype
+        self.device = torch.device(device)
+        self.spatial_sort = spatial_sort
+        self.searches = 0
+        self._key = None  # (numbers, cell, pbc, charge, spin) of the stored search
+
+    def __call__(self, atoms: Atoms) -> tuple[AtomicGraph, np.ndarray]:
+        """The graph of `atoms` and its atom order [n] (graph atom k is atoms[order[k]]).
+
+        Raises ValueError for invalid Atoms or charge/spin, like `build_graph`.
+        """
+        validate_atoms(atoms)
+        charge, spin = read_charge_spin(atoms)
+        positions, cell, pbc = atoms.get_positions(), atoms.cell.array, atoms.get_pbc()
+        wrapped, images = _wrap(positions, cell, pbc)
+        order = _morton_order(wrapped) if self.spatial_sort else np.arange(len(atoms))
+        graph_positions = wrapped[order]
+        graph_positions -= graph_positions.mean(axis=0)
+        key = (atoms.numbers.tobytes(), cell.tobytes(), pbc.tobytes(), charge, spin)
+        if key != self._key or self._moved_beyond_half_skin(positions):
+            self._search(atoms, positions, images, order, graph_positions, pbc, charge, spin)
+            self._key = key
+
+        device = self.device
+        positions64 = torch.as_tensor(graph_positions, dtype=torch.float64, device=device)
+        order_t = torch.as_tensor(order, device=device)
+        rank = torch.empty_like(order_t)
+        rank[order_t] = torch.arange(len(order), device=device)
+        images_t = torch.as_tensor(images, device=device).long()
+        first, second = self._first, self._second
+        shift = self._unwrapped_shift + images_t[second] - images_t[first]
+        target, source = rank[first], rank[second]
+        if self.skin > 0:
+            vector = positions64[source] - positions64[target] + shift.double() @ self._cell64
+            inside = torch.nonzero((vector * vector).sum(dim=1) < self.cutoff**2).squeeze(1)
+            target, source, shift = target[inside], source[inside], shift[inside]
+        by_edge = torch.argsort(target * len(order) + source, stable=True)
+        target, source, shift = target[by_edge], source[by_edge], shift[by_edge]
+        row_ptr = torch.searchsorted(target, torch.arange(len(order) + 1, device=device))
+        graph = AtomicGraph(
+            positions=positions64.to(self.dtype),
+            atomic_numbers=self._numbers[order_t],
+            system_index=self._system_index,
+            cell=self._cell,
+            row_ptr=row_ptr,
+            source_index=source,
+            cell_shift=shift.to(self.dtype),
+            charge=self._charge,
+            spin=self._spin,
+        )
+        return graph, order
+
+    def _moved_beyond_half_skin(self, positions: np.ndarray) -> bool:
+        if self.skin == 0:
+            return True
+        displacement = positions - self._reference_positions
+        return bool(np.einsum("ij,ij->i", displacement, displacement).max() > (self.skin / 2) ** 2)
+
+    def _search(self, atoms, positions, images, order, graph_positions, pbc, charge, spin) -> None:
+        """Store the pairs within cutoff + skin as atom indices (first i, second j) and the
+        shift T [P, 3] between unwrapped positions: r_ij = r_j - r_i + T @ cell."""
+        device = self.device
+        target, source, shift = neighbor_pairs(
+            graph_positions, atoms.cell.array, pbc, self.cutoff + self.skin, device
+        )
+        order_t = torch.as_tensor(order, device=device)
+        images_t = torch.as_tensor(images, device=device).long()
+        self._first, self._second = order_t[target], order_t[source]
+        self._unwrapped_shift = shift - images_t[self._second] + images_t[self._first]
+        self._reference_positions = positions.copy()
+        cell = atoms.cell.array * pbc[:, None]
+        self._cell64 = torch.as_tensor(cell, dtype=torch.float64, device=device)
+        self._cell = torch.as_tensor(cell[None], dtype=self.dtype, device=device)
+        self._numbers = torch.as_tensor(atoms.get_atomic_numbers(), dtype=torch.long, device=device)
+        self._system_index = torch.zeros(len(atoms), dtype=torch.long, device=device)
+        self._charge = torch.tensor([charge], dtype=torch.long, device=device)
+        self._spin = torch.tensor([spin], dtype=torch.long, device=device)
+        self.searches += 1
 
 
 def _as_integer(value, name: str) -> int:

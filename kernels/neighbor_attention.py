@@ -7,22 +7,27 @@ r_e = r_j - r_i for edge e from source j to target i, CSR sorted by target)::
     P_e = p(d_e) exp(s_e) / (sink + sum_{e' of i} p(d_e') exp(s_e'))
     s_e = logit_scale[e, h] * <query[i, h], key[j, h]> / sqrt(D) + logit_bias[e, h]
 
-Three kernels, FlashAttention-2 style:
+Three kernels, FlashAttention-2 style. Each program owns BLOCK_R consecutive (atom, head) rows
+(row = atom * H + head, so an atom's heads are neighbouring rows and one program covers
+BLOCK_R / H atoms, or part of one when H > BLOCK_R; any H works, rows past N * H are masked):
 
-* ``_forward_kernel``: one program per (tile of BLOCK_M targets, head). It walks the tile's
-  CSR rows in lock step (one edge per target per step, up to the tile's longest row, shorter
-  rows masked), gathers k_j and v_j, and keeps the online softmax state (running max mu,
-  denominator z) and the [A, V] accumulator of each target in registers. The sink is the
-  first "neighbour": mu starts at log(sink) and z at 1. The envelope multiplies exp(s - mu)
-  rather than entering the logit as log p, because p -> 0 at the cutoff. Writes out and
-  lse = mu + log z per (target, head).
+* ``_forward_kernel``: walks the CSR rows of its atoms in lock step (one edge per row per step,
+  up to the longest row of the tile, shorter rows masked; the next step's source index is
+  prefetched), gathers k_j and v_j of each row's head, and keeps the online softmax state
+  (running max mu, denominator z) and the value accumulators ([BLOCK_R, BLOCK_V] per payload
+  component) in registers. The sink is the first "neighbour": mu starts at log(sink) and z at 1.
+  The envelope multiplies exp(s - mu) rather than entering the logit as log p, because p -> 0 at
+  the cutoff. Writes out and lse = mu + log z per (atom, head).
 * ``_backward_target_kernel``: same tiling. Recomputes P_e = p(d_e) exp(s_e - lse_i) and
-  writes everything that belongs to one target: d query, and per edge d logit_scale,
-  d logit_bias, d value_weight and the per-head part of d edge_vector. Each edge belongs to
-  exactly one target, so there are no atomics.
-* ``_backward_source_kernel``: one program per (tile of sources, head) over the transposed
-  CSR (edges grouped by source, ``transpose_neighbors``). Recomputes P_e and accumulates
-  d key and d value in registers. Deterministic, no atomics.
+  writes everything that belongs to one target: d query, and per (edge, head) d logit_scale,
+  d logit_bias, d value_weight and the per-head part of d edge_vector. Each (edge, head) belongs
+  to exactly one row, so there are no atomics.
+* ``_backward_source_kernel``: the same over (source atom, head) rows of the transposed CSR
+  (edges grouped by source, ``transpose_neighbors``). Recomputes P_e and accumulates d key and
+  d value in registers. Deterministic, no atomics.
+
+Launch knobs (rows per program, warps) per kernel come from DEFAULT_CONFIGS, overridable with the
+environment variable E2FORMER_ATTENTION_CONFIG (``_launch_config``; ``16x8`` is the fallback).
 
 Backward algebra, per (edge e, head), with G_a = dOut[i, a, h, :], c_a = <G_a, v_j>,
 c = sum_a u_a c_a and Delta_i = sum_{a, v} dOut * Out (FlashAttention-2's row term):
@@ -30,18 +35,23 @@ c = sum_a u_a c_a and Delta_i = sum_{a, v} dOut * Out (FlashAttention-2's row te
   d u_a = P value_weight c_a,   d d_e (envelope) = exp(s - lse) (value_weight c - Delta_i) p'(d),
 the last written without dividing by p, which vanishes at the cutoff.
 
-What stays O(E), in bytes per edge (4-byte floats): the forward reads the neighbour index
-(4 or 8) and the edge vector (12), once per head program (so H times, mostly from L2), and the
-three edge scalars per head (12 H). The backward reads them twice (target and source kernels),
-writes the three edge-scalar gradients (12 H) and a per-head partial of d edge_vector (12 H,
-summed over heads in PyTorch: the heads of one edge live in different programs), and uses the
-transposed CSR (two indices per edge, built once per graph). No E x D or E x V tensor is formed.
+What stays O(E), in bytes per edge (4-byte floats, 8-byte indices): the forward reads the
+neighbour index (8) and the edge vector (12) once per program that holds the edge's atom, i.e.
+once for all the heads in that program (their repeats are L1 hits; an atom whose heads are
+split across programs, when BLOCK_R is not a multiple of H or H > BLOCK_R, is read by each), and the three edge scalars per
+head (12 H, contiguous per edge). The target-side backward reads the same, writes the three
+edge-scalar gradients (12 H) and a per-head part of d edge_vector (12 H, summed over heads in
+PyTorch: the heads are different rows of a 2-D tile, and summing them in-kernel would take a
+3-D reshape). The source-side backward reads the transposed CSR (two indices per edge, 16, built
+once per graph), the edge vector, the three edge scalars and d logit_bias (16 H). No E x D or
+E x V tensor is formed.
 
 The autograd Function is differentiable once: its backward is not itself differentiable.
 For double backward (training on conservative forces) call ``neighbor_attention`` with
 ``use_kernel=False``, which runs the PyTorch reference.
 """
 
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -54,8 +64,6 @@ from .neighbor_attention_reference import (
     neighbor_attention_reference,
     target_index_from_row_ptr,
 )
-
-NUM_WARPS = 4
 
 
 class TransposedNeighbors(NamedTuple):
@@ -98,24 +106,13 @@ def _envelope(distance, cutoff):
 
 @triton.jit
 def _load_edge_geometry(R, edge, valid, cutoff):
-    """Edge vector components rx, ry, rz [M], distance [M] (1 on masked lanes), p and p'."""
+    """Edge vector components rx, ry, rz, 1 / distance (1 on masked rows), p and p', all [BLOCK_R]."""
     rx = tl.load(R + edge * 3, mask=valid, other=0.0)
     ry = tl.load(R + edge * 3 + 1, mask=valid, other=0.0)
     rz = tl.load(R + edge * 3 + 2, mask=valid, other=0.0)
     distance = tl.where(valid, tl.sqrt(rx * rx + ry * ry + rz * rz), 1.0)
     p, dp = _envelope(distance, cutoff)
-    return rx, ry, rz, distance, p, dp
-
-
-@triton.jit
-def _payload_columns(rx, ry, rz, distance, col_a, DIRECTION: tl.constexpr):
-    """u_e[a] laid out over the flattened (a, v) columns: [M, BLOCK_AV] (direction) or [M, 1]."""
-    inverse = 1.0 / distance
-    if DIRECTION:
-        a = col_a[None, :]
-        return tl.where(a == 0, (rx * inverse)[:, None], tl.where(a == 1, (ry * inverse)[:, None], (rz * inverse)[:, None]))
-    else:
-        return inverse[:, None]
+    return rx, ry, rz, 1.0 / distance, p, dp
 
 
 @triton.jit
@@ -124,9 +121,51 @@ def _load_scalar_params(PARAMS):
     return tl.load(PARAMS), tl.log(tl.load(PARAMS + 1)), tl.load(PARAMS + 2)
 
 
-# The per-target [A, V] blocks are flattened to one axis of BLOCK_AV = BLOCK_A * BLOCK_V columns,
-# column c holding (a, v) = (c // BLOCK_V, c % BLOCK_V): 2-D tiles only (3-D tiles with
-# broadcasts crashed Triton 3.6's layout pass on sm_90).
+@triton.jit
+def _tile_rows(PTR, N, H, BLOCK_R: tl.constexpr):
+    """This program's BLOCK_R consecutive (atom, head) rows and the atoms' CSR ranges.
+
+    Row ``pair = atom * H + head`` indexes the [N, H, ...] tensors directly. Returns pair,
+    atom, head, row_ok (pair < N * H), start = PTR[atom] and degree = PTR[atom + 1] - start,
+    all [BLOCK_R] (int64 indices, degree 0 on rows past the end).
+    """
+    pair = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = pair < N * H
+    atom = pair // H
+    head = pair % H
+    start = tl.load(PTR + atom, mask=row_ok, other=0).to(tl.int64)
+    degree = tl.load(PTR + atom + 1, mask=row_ok, other=0).to(tl.int64) - start
+    return pair, atom, head, row_ok, start, degree
+
+
+@triton.jit
+def _row_tile(row_offset, row_mask, width, BLOCK: tl.constexpr):
+    """Offsets row_offset[r] + c and mask (row_mask[r] and c < width) of a [BLOCK_R, BLOCK] tile."""
+    cols = tl.arange(0, BLOCK)
+    return row_offset[:, None] + cols[None, :], row_mask[:, None] & (cols < width)[None, :]
+
+
+@triton.jit
+def _load_rows(X, row_offset, row_mask, width, BLOCK: tl.constexpr):
+    """The [BLOCK_R, BLOCK] tile X[row_offset[r] + c], 0 on masked rows and on columns c >= width."""
+    offsets, mask = _row_tile(row_offset, row_mask, width, BLOCK)
+    return tl.load(X + offsets, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(X, row_offset, row_mask, width, BLOCK: tl.constexpr, tile):
+    """X[row_offset[r] + c] = tile[r, c] for the unmasked rows and the columns c < width."""
+    offsets, mask = _row_tile(row_offset, row_mask, width, BLOCK)
+    tl.store(X + offsets, tile, mask=mask)
+
+
+# Tiles are 2-D, [BLOCK_R rows, BLOCK_D or BLOCK_V columns], one row per (atom, head) pair: the
+# heads of an atom are consecutive rows, so the edge index, geometry and envelope of an edge are
+# fetched once per program for all its heads (repeats are L1 hits), the per-(edge, head) scalars
+# of one edge are contiguous, and the value rows of a source's heads are one contiguous block.
+# The direction payload keeps its three components in three [BLOCK_R, BLOCK_V] tiles. (3-D tiles,
+# and some 1-D row vectors, crash Triton 3.6's layout passes on sm_90: every default
+# configuration is compiled for sm_90 on CPU by ``python -m benchmarks.kernel_configs --compile-only``.)
 
 # ----------------------------------------------------------------------------- forward
 
@@ -135,51 +174,52 @@ def _load_scalar_params(PARAMS):
 def _forward_kernel(
     Q, K, V, R, SCALE, BIAS, VW, ROW_PTR, SRC, PARAMS,  # inputs
     OUT, LSE,  # outputs: [N, A, H, V], [N, H]
-    N, H, D, VD, A,
-    DIRECTION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_AV: tl.constexpr,
+    N, H, D, VD,
+    DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    head = tl.program_id(1)
-    node = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    node_ok = node < N
-    row_start = tl.load(ROW_PTR + node, mask=node_ok, other=0).to(tl.int64)
-    degree = tl.load(ROW_PTR + node + 1, mask=node_ok, other=0).to(tl.int64) - row_start
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_av = tl.arange(0, BLOCK_AV)
-    col_a = offs_av // BLOCK_V
-    col_v = offs_av % BLOCK_V
-    col_ok = (col_a < A) & (col_v < VD)
-
-    q = tl.load(Q + ((node * H + head) * D)[:, None] + offs_d[None, :], mask=node_ok[:, None] & d_ok[None, :], other=0.0)
+    pair, atom, head, row_ok, row_start, degree = _tile_rows(ROW_PTR, N, H, BLOCK_R)
+    q = _load_rows(Q, pair * D, row_ok, D, BLOCK_D)
     cutoff, log_sink, qk_scale = _load_scalar_params(PARAMS)
 
-    mu = tl.zeros([BLOCK_M], dtype=q.dtype) + log_sink  # the sink is the first neighbour
-    z = tl.zeros([BLOCK_M], dtype=q.dtype) + 1.0
-    acc = tl.zeros([BLOCK_M, BLOCK_AV], dtype=q.dtype)
+    mu = tl.zeros([BLOCK_R], dtype=q.dtype) + log_sink  # the sink is the first neighbour
+    z = tl.zeros([BLOCK_R], dtype=q.dtype) + 1.0
+    acc_x = tl.zeros([BLOCK_R, BLOCK_V], dtype=q.dtype)  # a = 0 (the only row for 1/|r|)
+    acc_y = tl.zeros([BLOCK_R, BLOCK_V], dtype=q.dtype)
+    acc_z = tl.zeros([BLOCK_R, BLOCK_V], dtype=q.dtype)
+    src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
     for step in range(0, tl.max(degree, axis=0)):
         valid = step < degree
         edge = row_start + step
-        src = tl.load(SRC + edge, mask=valid, other=0).to(tl.int64)
-        key = tl.load(K + ((src * H + head) * D)[:, None] + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+        src = src_next.to(tl.int64)
+        src_next = tl.load(SRC + edge + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
+        key = _load_rows(K, (src * H + head) * D, valid, D, BLOCK_D)
+        val = _load_rows(V, (src * H + head) * VD, valid, VD, BLOCK_V)
         g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
         b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
         phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
-        rx, ry, rz, distance, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
-        u = _payload_columns(rx, ry, rz, distance, col_a, DIRECTION)
+        rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
 
         s = tl.where(valid, g * tl.sum(q * key, axis=1) * qk_scale + b, float("-inf"))
         mu_new = tl.maximum(mu, s)
         rescale = tl.exp(mu - mu_new)
         w = tl.where(valid, p * tl.exp(s - mu_new), 0.0)
         z = z * rescale + w
-        val = tl.load(V + ((src * H + head) * VD)[:, None] + col_v[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0)
-        acc = acc * rescale[:, None] + (w * phi)[:, None] * u * val
+        coefficient = w * phi * inverse  # P phi / |r| (unnormalised): times r_a for the direction
+        if DIRECTION:
+            acc_x = acc_x * rescale[:, None] + (coefficient * rx)[:, None] * val
+            acc_y = acc_y * rescale[:, None] + (coefficient * ry)[:, None] * val
+            acc_z = acc_z * rescale[:, None] + (coefficient * rz)[:, None] * val
+        else:
+            acc_x = acc_x * rescale[:, None] + coefficient[:, None] * val
         mu = mu_new
 
-    out_ptr = OUT + ((node[:, None] * A + col_a[None, :]) * H + head) * VD + col_v[None, :]
-    tl.store(out_ptr, acc / z[:, None], mask=node_ok[:, None] & col_ok[None, :])
-    tl.store(LSE + node * H + head, mu + tl.log(z), mask=node_ok)
+    out_offset = (atom * H * (3 if DIRECTION else 1) + head) * VD  # row a = 0; rows a are H * VD apart
+    inverse_z = (1.0 / z)[:, None]
+    _store_rows(OUT, out_offset, row_ok, VD, BLOCK_V, acc_x * inverse_z)
+    if DIRECTION:
+        _store_rows(OUT, out_offset + H * VD, row_ok, VD, BLOCK_V, acc_y * inverse_z)
+        _store_rows(OUT, out_offset + 2 * H * VD, row_ok, VD, BLOCK_V, acc_z * inverse_z)
+    tl.store(LSE + pair, mu + tl.log(z), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -189,49 +229,49 @@ def _forward_kernel(
 def _backward_target_kernel(
     Q, K, V, R, SCALE, BIAS, VW, ROW_PTR, SRC, PARAMS, OUT, LSE, DOUT,  # inputs
     DQ, DSCALE, DBIAS, DVW, DR_PER_HEAD,  # outputs: [N, H, D], 3 x [E, H], [E, H, 3]
-    N, H, D, VD, A,
-    DIRECTION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_AV: tl.constexpr,
+    N, H, D, VD,
+    DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    head = tl.program_id(1)
-    node = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    node_ok = node < N
-    row_start = tl.load(ROW_PTR + node, mask=node_ok, other=0).to(tl.int64)
-    degree = tl.load(ROW_PTR + node + 1, mask=node_ok, other=0).to(tl.int64) - row_start
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    offs_av = tl.arange(0, BLOCK_AV)
-    col_a = offs_av // BLOCK_V
-    col_v = offs_av % BLOCK_V
-    col_ok = (col_a < A) & (col_v < VD)
-
-    q_offset = ((node * H + head) * D)[:, None] + offs_d[None, :]
-    q = tl.load(Q + q_offset, mask=node_ok[:, None] & d_ok[None, :], other=0.0)
+    pair, atom, head, row_ok, row_start, degree = _tile_rows(ROW_PTR, N, H, BLOCK_R)
+    q = _load_rows(Q, pair * D, row_ok, D, BLOCK_D)
     cutoff, log_sink_unused, qk_scale = _load_scalar_params(PARAMS)
-    lse = tl.load(LSE + node * H + head, mask=node_ok, other=0.0)
-    row_offset = ((node[:, None] * A + col_a[None, :]) * H + head) * VD + col_v[None, :]
-    row_mask = node_ok[:, None] & col_ok[None, :]
-    grad_out = tl.load(DOUT + row_offset, mask=row_mask, other=0.0)  # [M, AV]
-    delta = tl.sum(grad_out * tl.load(OUT + row_offset, mask=row_mask, other=0.0), axis=1)
+    lse = tl.load(LSE + pair, mask=row_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=q.dtype)
+    # dOut rows a = 0, 1, 2 (only 0 for 1/|r|) and Delta = sum_{a, v} dOut * Out
+    out_offset = (atom * H * (3 if DIRECTION else 1) + head) * VD
+    grad_x = _load_rows(DOUT, out_offset, row_ok, VD, BLOCK_V)
+    delta = tl.sum(grad_x * _load_rows(OUT, out_offset, row_ok, VD, BLOCK_V), axis=1)
+    if DIRECTION:
+        grad_y = _load_rows(DOUT, out_offset + H * VD, row_ok, VD, BLOCK_V)
+        grad_z = _load_rows(DOUT, out_offset + 2 * H * VD, row_ok, VD, BLOCK_V)
+        delta += tl.sum(grad_y * _load_rows(OUT, out_offset + H * VD, row_ok, VD, BLOCK_V), axis=1)
+        delta += tl.sum(grad_z * _load_rows(OUT, out_offset + 2 * H * VD, row_ok, VD, BLOCK_V), axis=1)
+
+    dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=q.dtype)
+    src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
     for step in range(0, tl.max(degree, axis=0)):
         valid = step < degree
         edge = row_start + step
-        src = tl.load(SRC + edge, mask=valid, other=0).to(tl.int64)
-        key = tl.load(K + ((src * H + head) * D)[:, None] + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
-        val = tl.load(V + ((src * H + head) * VD)[:, None] + col_v[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0)
+        src = src_next.to(tl.int64)
+        src_next = tl.load(SRC + edge + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
+        key = _load_rows(K, (src * H + head) * D, valid, D, BLOCK_D)
+        val = _load_rows(V, (src * H + head) * VD, valid, VD, BLOCK_V)
         g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
         b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
         phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
-        rx, ry, rz, distance, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
-        u = _payload_columns(rx, ry, rz, distance, col_a, DIRECTION)
+        rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
+        ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
 
         qk = tl.sum(q * key, axis=1)
         unenveloped = tl.where(valid, tl.exp(g * qk * qk_scale + b - lse), 0.0)  # P_e / p_e
         prob = p * unenveloped
-        grad_val = grad_out * val  # [M, AV]: dOut[a, v] * v_j[v]
-        c = tl.sum(grad_val * u, axis=1)
+        c_x = tl.sum(grad_x * val, axis=1)  # c_a = <dOut_a, v_j>
+        if DIRECTION:
+            c_y = tl.sum(grad_y * val, axis=1)
+            c_z = tl.sum(grad_z * val, axis=1)
+            c = ux * c_x + uy * c_y + uz * c_z
+        else:
+            c = c_x * inverse
         d_logit = prob * (phi * c - delta)
         tl.store(DSCALE + edge * H + head, d_logit * qk * qk_scale, mask=valid)
         tl.store(DBIAS + edge * H + head, d_logit, mask=valid)
@@ -239,101 +279,216 @@ def _backward_target_kernel(
         dq += (d_logit * g * qk_scale)[:, None] * key
 
         d_distance = unenveloped * (phi * c - delta) * dp
-        inverse = 1.0 / distance
-        ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
-        if DIRECTION:  # d(r/|r|)/dr = (1 - r_hat r_hat^T) / |r|
-            dux = prob * phi * tl.sum(tl.where(col_a[None, :] == 0, grad_val, 0.0), axis=1)
-            duy = prob * phi * tl.sum(tl.where(col_a[None, :] == 1, grad_val, 0.0), axis=1)
-            duz = prob * phi * tl.sum(tl.where(col_a[None, :] == 2, grad_val, 0.0), axis=1)
-            radial = ux * dux + uy * duy + uz * duz
-            drx = d_distance * ux + (dux - ux * radial) * inverse
-            dry = d_distance * uy + (duy - uy * radial) * inverse
-            drz = d_distance * uz + (duz - uz * radial) * inverse
+        if DIRECTION:  # d u_a = P phi c_a; d(r/|r|)/dr = (1 - r_hat r_hat^T) / |r|
+            weight = prob * phi
+            radial = weight * c
+            drx = d_distance * ux + (weight * c_x - ux * radial) * inverse
+            dry = d_distance * uy + (weight * c_y - uy * radial) * inverse
+            drz = d_distance * uz + (weight * c_z - uz * radial) * inverse
         else:  # d(1/|r|)/dr = -r_hat / |r|^2
-            along = d_distance - prob * phi * tl.sum(grad_val, axis=1) * inverse * inverse
+            along = d_distance - prob * phi * c_x * inverse * inverse
             drx, dry, drz = along * ux, along * uy, along * uz
-        d_r_ptr = DR_PER_HEAD + (edge * H + head) * 3
-        tl.store(d_r_ptr, drx, mask=valid)
-        tl.store(d_r_ptr + 1, dry, mask=valid)
-        tl.store(d_r_ptr + 2, drz, mask=valid)
+        d_r_offset = (edge * H + head) * 3
+        tl.store(DR_PER_HEAD + d_r_offset, drx, mask=valid)
+        tl.store(DR_PER_HEAD + d_r_offset + 1, dry, mask=valid)
+        tl.store(DR_PER_HEAD + d_r_offset + 2, drz, mask=valid)
 
-    tl.store(DQ + q_offset, dq, mask=node_ok[:, None] & d_ok[None, :])
+    _store_rows(DQ, pair * D, row_ok, D, BLOCK_D, dq)
 
 
 @triton.jit
 def _backward_source_kernel(
     Q, K, R, SCALE, BIAS, VW, COL_PTR, EDGE_OF_SLOT, TARGET_OF_SLOT, PARAMS, LSE, DOUT, DBIAS,  # inputs
     DK, DV,  # outputs: [N, H, D], [N, H, V]
-    N, H, D, VD, A,
-    DIRECTION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_AV: tl.constexpr,
+    N, H, D, VD,
+    DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    head = tl.program_id(1)
-    node = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    node_ok = node < N
-    slot_start = tl.load(COL_PTR + node, mask=node_ok, other=0).to(tl.int64)
-    degree = tl.load(COL_PTR + node + 1, mask=node_ok, other=0).to(tl.int64) - slot_start
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_v = tl.arange(0, BLOCK_V)
-    d_ok = offs_d < D
-    v_ok = offs_v < VD
-
-    k_offset = ((node * H + head) * D)[:, None] + offs_d[None, :]
-    key = tl.load(K + k_offset, mask=node_ok[:, None] & d_ok[None, :], other=0.0)
+    pair, atom, head, row_ok, slot_start, degree = _tile_rows(COL_PTR, N, H, BLOCK_R)
+    key = _load_rows(K, pair * D, row_ok, D, BLOCK_D)
     cutoff, log_sink_unused, qk_scale = _load_scalar_params(PARAMS)
 
-    dk = tl.zeros([BLOCK_M, BLOCK_D], dtype=key.dtype)
-    dv = tl.zeros([BLOCK_M, BLOCK_V], dtype=key.dtype)
+    dk = tl.zeros([BLOCK_R, BLOCK_D], dtype=key.dtype)
+    dv = tl.zeros([BLOCK_R, BLOCK_V], dtype=key.dtype)
+    edge_next = tl.load(EDGE_OF_SLOT + slot_start, mask=degree > 0, other=0)
+    tgt_next = tl.load(TARGET_OF_SLOT + slot_start, mask=degree > 0, other=0)
     for step in range(0, tl.max(degree, axis=0)):
         valid = step < degree
         slot = slot_start + step
-        edge = tl.load(EDGE_OF_SLOT + slot, mask=valid, other=0).to(tl.int64)
-        tgt = tl.load(TARGET_OF_SLOT + slot, mask=valid, other=0).to(tl.int64)
-        q = tl.load(Q + ((tgt * H + head) * D)[:, None] + offs_d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+        edge = edge_next.to(tl.int64)
+        tgt = tgt_next.to(tl.int64)
+        edge_next = tl.load(EDGE_OF_SLOT + slot + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
+        tgt_next = tl.load(TARGET_OF_SLOT + slot + 1, mask=step + 1 < degree, other=0)
+        q = _load_rows(Q, (tgt * H + head) * D, valid, D, BLOCK_D)
         lse = tl.load(LSE + tgt * H + head, mask=valid, other=0.0)
         g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
         b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
         phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
         d_logit = tl.load(DBIAS + edge * H + head, mask=valid, other=0.0)  # written by the target kernel
-        rx, ry, rz, distance, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
+        rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
 
         prob = tl.where(valid, p * tl.exp(g * tl.sum(q * key, axis=1) * qk_scale + b - lse), 0.0)
-        weight = prob * phi / distance  # times r for the direction payload, alone for 1/|r|
-        grad_out_ptr = DOUT + ((tgt * A * H + head) * VD)[:, None] + offs_v[None, :]  # row a = 0
-        grad_mask = valid[:, None] & v_ok[None, :]
-        if DIRECTION:  # sum_a u_a dOut[a] with u = r / |r|; rows a are H * VD apart
-            grad_x = tl.load(grad_out_ptr, mask=grad_mask, other=0.0)
-            grad_y = tl.load(grad_out_ptr + H * VD, mask=grad_mask, other=0.0)
-            grad_z = tl.load(grad_out_ptr + 2 * H * VD, mask=grad_mask, other=0.0)
-            dv += weight[:, None] * (rx[:, None] * grad_x + ry[:, None] * grad_y + rz[:, None] * grad_z)
-        else:  # u = 1 / |r|
-            dv += weight[:, None] * tl.load(grad_out_ptr, mask=grad_mask, other=0.0)
+        weight = prob * phi * inverse  # times r_a for the direction payload, alone for 1/|r|
+        grad_offset = (tgt * H * (3 if DIRECTION else 1) + head) * VD  # dOut[tgt, a = 0, head]
+        grad_x = _load_rows(DOUT, grad_offset, valid, VD, BLOCK_V)
+        if DIRECTION:  # sum_a u_a dOut[a]; rows a are H * VD apart
+            grad_y = _load_rows(DOUT, grad_offset + H * VD, valid, VD, BLOCK_V)
+            grad_z = _load_rows(DOUT, grad_offset + 2 * H * VD, valid, VD, BLOCK_V)
+            dv += (weight * rx)[:, None] * grad_x + (weight * ry)[:, None] * grad_y + (weight * rz)[:, None] * grad_z
+        else:
+            dv += weight[:, None] * grad_x
         dk += (d_logit * g * qk_scale)[:, None] * q
 
-    tl.store(DK + k_offset, dk, mask=node_ok[:, None] & d_ok[None, :])
-    tl.store(DV + ((node * H + head) * VD)[:, None] + offs_v[None, :], dv, mask=node_ok[:, None] & v_ok[None, :])
+    _store_rows(DK, pair * D, row_ok, D, BLOCK_D, dk)
+    _store_rows(DV, pair * VD, row_ok, VD, BLOCK_V, dv)
 
 
-# ----------------------------------------------------------------------------- launch + autograd
+# ----------------------------------------------------------------------------- launch configuration
 
 
-def _launch_config(num_nodes, num_heads, head_dim, value_dim, payload):
-    """Compile-time block sizes and the grid (tiles of targets x heads)."""
-    block_a = 4 if payload == "direction" else 1
+class LaunchConfig(NamedTuple):
+    """Launch knobs of one kernel: (atom, head) rows per program and warps per program.
+
+    There is no num_stages knob: these loops contain no tl.dot, so Triton 3.6 does not pipeline
+    them and emits the same PTX for every num_stages (checked for sm_90).
+    """
+
+    block_rows: int
+    num_warps: int
+
+
+KERNELS = ("forward", "target", "source")
+CONFIG_ENV = "E2FORMER_ATTENTION_CONFIG"
+
+# Defaults for BLOCK_V <= 64 by (kernel, payload, bytes per float), chosen from the sm_90 register
+# counts of ``python -m benchmarks.kernel_configs --compile-only`` (no spills, <= ~170 registers
+# for the benchmark's and the model's shapes) until GPU timings choose; rows halve for every
+# doubling of BLOCK_V above 64, down to 16. "16x8" (16 rows, 8 warps) compiled for every tested
+# shape and spills at most ~100 bytes (float64, direction): the fallback.
+DEFAULT_CONFIGS = {
+    ("forward", "inverse_distance", 4): LaunchConfig(32, 4),
+    ("forward", "direction", 4): LaunchConfig(32, 8),
+    ("target", "inverse_distance", 4): LaunchConfig(32, 8),
+    ("target", "direction", 4): LaunchConfig(16, 8),
+    ("source", "inverse_distance", 4): LaunchConfig(32, 4),
+    ("source", "direction", 4): LaunchConfig(32, 8),
+    **{(kernel, payload, 8): LaunchConfig(16, 8) for kernel in KERNELS for payload in PAYLOAD_WIDTH},
+}
+
+
+def _default_config(kernel: str, payload: str, block_v: int, itemsize: int) -> LaunchConfig:
+    """The table entry, with fewer rows for value widths above 64 (the tiles grow with BLOCK_V)."""
+    config = DEFAULT_CONFIGS[kernel, payload, itemsize]
+    return config._replace(block_rows=max(16, config.block_rows * 64 // max(block_v, 64)))
+
+
+def _parse_config_override(text: str) -> dict:
+    """``ROWSxWARPS`` for all kernels, or ``forward=64x4,source=32x8`` per kernel -> {kernel: LaunchConfig}."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kernel, _, spec = item.rpartition("=")
+        config = LaunchConfig(*(int(number) for number in spec.split("x")))
+        if config.block_rows & (config.block_rows - 1) or config.num_warps & (config.num_warps - 1):
+            raise ValueError(f"{CONFIG_ENV}: rows and warps must be powers of two, got {item!r}")
+        for name in [kernel] if kernel else KERNELS:
+            if name not in KERNELS:
+                raise ValueError(f"{CONFIG_ENV}: unknown kernel {name!r} (one of {KERNELS})")
+            overrides[name] = config
+    return overrides
+
+
+def _launch_config(kernel, num_nodes, num_heads, head_dim, value_dim, payload, dtype):
+    """Grid (one program per BLOCK_R consecutive (atom, head) rows) and meta-parameters of a launch.
+
+    The knobs come from DEFAULT_CONFIGS unless the environment variable E2FORMER_ATTENTION_CONFIG
+    overrides them, e.g. ``16x8`` (the fallback) for all kernels or ``target=16x8`` for one.
+    """
     block_v = triton.next_power_of_2(value_dim)
-    # 16 targets per tile: Triton 3.6 crashed in its layout pass (sm_90) for BLOCK_M = 32 and for
-    # 64 with 4 warps, across head/value widths (benchmarks/kernel_configs.py sweeps this).
-    block_m = 16
+    config = _parse_config_override(os.environ.get(CONFIG_ENV, "")).get(kernel)
+    config = config or _default_config(kernel, payload, block_v, torch.finfo(dtype).bits // 8)
     meta = dict(
-        DIRECTION=payload == "direction",
-        BLOCK_M=block_m,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_V=block_v,
-        BLOCK_AV=block_a * block_v,
-        num_warps=NUM_WARPS,
+        DIRECTION=payload == "direction", BLOCK_R=config.block_rows, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_V=block_v, num_warps=config.num_warps,
     )
-    grid = (triton.cdiv(num_nodes, block_m), num_heads)
-    return grid, meta
+    return (triton.cdiv(num_nodes * num_heads, config.block_rows),), meta
+
+
+# ----------------------------------------------------------------------------- launches + autograd
+
+
+class AttentionInputs(NamedTuple):
+    """Contiguous inputs of one call, as the kernels take them (shapes as in ``neighbor_attention``)."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    edge_vector: torch.Tensor
+    logit_scale: torch.Tensor
+    logit_bias: torch.Tensor
+    value_weight: torch.Tensor
+    row_ptr: torch.Tensor
+    source_index: torch.Tensor
+    params: torch.Tensor  # [3] cutoff, sink, 1/sqrt(D) in the compute dtype
+    payload: str
+
+    def sizes(self):
+        """(N, H, D, V), the runtime sizes every kernel takes."""
+        return (*self.query.shape, self.value.shape[-1])
+
+    def launch_config(self, kernel):
+        return _launch_config(kernel, *self.sizes(), self.payload, self.query.dtype)
+
+
+def attention_inputs(query, key, value, edge_vector, logit_scale, logit_bias, value_weight,
+                     row_ptr, source_index, cutoff, payload, sink) -> AttentionInputs:
+    """Pack (contiguous) inputs; cutoff, sink and 1/sqrt(D) go into a tensor of the compute dtype."""
+    floats = (t.contiguous() for t in (query, key, value, edge_vector, logit_scale, logit_bias, value_weight))
+    params = _scalar_params(cutoff, sink, query.shape[-1], query.device, query.dtype)
+    return AttentionInputs(*floats, row_ptr.contiguous(), source_index.contiguous(), params, payload)
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar_params(cutoff: float, sink: float, head_dim: int, device: torch.device, dtype: torch.dtype):
+    """[3] cutoff, sink, 1/sqrt(D) on the device, cached: a host-to-device copy per call costs more
+    than the whole kernel at small N. Read-only."""
+    return torch.tensor([cutoff, sink, head_dim**-0.5], dtype=torch.float64).to(device, dtype)
+
+
+def launch_forward(inputs: AttentionInputs):
+    """Run ``_forward_kernel``: out [N, A, H, V] and lse [N, H]."""
+    num_nodes, num_heads, _, value_dim = inputs.sizes()
+    out = inputs.query.new_empty(num_nodes, PAYLOAD_WIDTH[inputs.payload], num_heads, value_dim)
+    lse = inputs.query.new_empty(num_nodes, num_heads)
+    grid, meta = inputs.launch_config("forward")
+    _forward_kernel[grid](*inputs[:10], out, lse, *inputs.sizes(), **meta)
+    return out, lse
+
+
+def launch_backward_target(inputs: AttentionInputs, out, lse, grad_out):
+    """Run ``_backward_target_kernel``: d query [N, H, D], d logit_scale, d logit_bias,
+    d value_weight [E, H] and the per-head parts of d edge_vector [E, H, 3]."""
+    num_heads = inputs.query.shape[1]
+    d_query = torch.empty_like(inputs.query)
+    d_scale, d_bias, d_value_weight = (torch.empty_like(inputs.logit_scale) for _ in range(3))
+    d_edge_vector_per_head = inputs.edge_vector.new_empty(inputs.edge_vector.shape[0], num_heads, 3)
+    grid, meta = inputs.launch_config("target")
+    _backward_target_kernel[grid](
+        *inputs[:10], out, lse, grad_out,
+        d_query, d_scale, d_bias, d_value_weight, d_edge_vector_per_head, *inputs.sizes(), **meta,
+    )
+    return d_query, d_scale, d_bias, d_value_weight, d_edge_vector_per_head
+
+
+def launch_backward_source(inputs: AttentionInputs, transpose: TransposedNeighbors, lse, grad_out, d_bias):
+    """Run ``_backward_source_kernel``: d key [N, H, D] and d value [N, H, V] (d_bias from the target kernel)."""
+    d_key = torch.empty_like(inputs.key)
+    d_value = torch.empty_like(inputs.value)
+    grid, meta = inputs.launch_config("source")
+    _backward_source_kernel[grid](
+        inputs.query, inputs.key, inputs.edge_vector, inputs.logit_scale, inputs.logit_bias, inputs.value_weight,
+        transpose.col_ptr, transpose.edge_of_slot, transpose.target_of_slot, inputs.params, lse, grad_out, d_bias,
+        d_key, d_value, *inputs.sizes(), **meta,
+    )
+    return d_key, d_value
 
 
 class NeighborAttentionFunction(torch.autograd.Function):
@@ -342,22 +497,10 @@ class NeighborAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, edge_vector, logit_scale, logit_bias, value_weight,
                 row_ptr, source_index, transpose, cutoff, payload, sink):
-        query, key, value, edge_vector, logit_scale, logit_bias, value_weight = (
-            t.contiguous() for t in (query, key, value, edge_vector, logit_scale, logit_bias, value_weight)
-        )
-        num_nodes, num_heads, head_dim = query.shape
-        value_dim = value.shape[-1]
-        width = PAYLOAD_WIDTH[payload]
-        params = torch.tensor([cutoff, sink, head_dim**-0.5], dtype=torch.float64).to(query.device, query.dtype)
-        out = query.new_empty(num_nodes, width, num_heads, value_dim)
-        lse = query.new_empty(num_nodes, num_heads)
-        grid, meta = _launch_config(num_nodes, num_heads, head_dim, value_dim, payload)
-        _forward_kernel[grid](
-            query, key, value, edge_vector, logit_scale, logit_bias, value_weight, row_ptr, source_index, params,
-            out, lse, num_nodes, num_heads, head_dim, value_dim, width, **meta,
-        )
-        ctx.save_for_backward(query, key, value, edge_vector, logit_scale, logit_bias, value_weight,
-                              row_ptr, source_index, params, out, lse)
+        inputs = attention_inputs(query, key, value, edge_vector, logit_scale, logit_bias, value_weight,
+                                  row_ptr, source_index, cutoff, payload, sink)
+        out, lse = launch_forward(inputs)
+        ctx.save_for_backward(*inputs[:10], out, lse)
         ctx.transpose = transpose
         ctx.payload = payload
         return out
@@ -365,41 +508,37 @@ class NeighborAttentionFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        (query, key, value, edge_vector, logit_scale, logit_bias, value_weight,
-         row_ptr, source_index, params, out, lse) = ctx.saved_tensors
+        *saved, out, lse = ctx.saved_tensors
+        inputs = AttentionInputs(*saved, ctx.payload)
         grad_out = grad_out.contiguous()
-        num_nodes, num_heads, head_dim = query.shape
-        value_dim = value.shape[-1]
-        width = out.shape[1]
-        grid, meta = _launch_config(num_nodes, num_heads, head_dim, value_dim, ctx.payload)
-
-        d_query = torch.empty_like(query)
-        d_scale = torch.empty_like(logit_scale)
-        d_bias = torch.empty_like(logit_bias)
-        d_value_weight = torch.empty_like(value_weight)
-        d_edge_vector_per_head = edge_vector.new_empty(edge_vector.shape[0], num_heads, 3)
-        _backward_target_kernel[grid](
-            query, key, value, edge_vector, logit_scale, logit_bias, value_weight, row_ptr, source_index, params,
-            out, lse, grad_out,
-            d_query, d_scale, d_bias, d_value_weight, d_edge_vector_per_head,
-            num_nodes, num_heads, head_dim, value_dim, width, **meta,
-        )
-
-        transpose = ctx.transpose if ctx.transpose is not None else transpose_neighbors(row_ptr, source_index)
-        d_key = torch.empty_like(key)
-        d_value = torch.empty_like(value)
-        _backward_source_kernel[grid](
-            query, key, edge_vector, logit_scale, logit_bias, value_weight,
-            transpose.col_ptr, transpose.edge_of_slot, transpose.target_of_slot, params, lse, grad_out, d_bias,
-            d_key, d_value,
-            num_nodes, num_heads, head_dim, value_dim, width, **meta,
-        )
+        d_query, d_scale, d_bias, d_value_weight, d_edge_vector_per_head = launch_backward_target(
+            inputs, out, lse, grad_out)
+        transpose = ctx.transpose if ctx.transpose is not None else transpose_neighbors(inputs.row_ptr, inputs.source_index)
+        d_key, d_value = launch_backward_source(inputs, transpose, lse, grad_out, d_bias)
         return (d_query, d_key, d_value, d_edge_vector_per_head.sum(1), d_scale, d_bias, d_value_weight,
                 None, None, None, None, None, None)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _patch_interpreter_loop_bounds() -> None:
+    """Triton 3.6's interpreter calls int() on 1-element arrays for ``range(0, runtime_value)``,
+    which numpy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream): apply the upstream fix."""
+    from triton.runtime import interpreter
+
+    patch_lang_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor_with_scalar_index(tensor, scope):
+        patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor_with_scalar_index
+
+
+if _interpreting():
+    _patch_interpreter_loop_bounds()
 
 
 def neighbor_attention(

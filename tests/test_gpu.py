@@ -2,67 +2,109 @@
 
 These run only where CUDA is present (the lent GPU machine); CI has none and skips them.
 The interpreter tests in test_neighbor_attention.py cover the same kernels on the CPU.
+The kernel tests need only torch and Triton; the model test also needs ase and vesin.
 """
 
 import pytest
 import torch
-from ase.build import molecule
 
-from e2former_calc.kernels.neighbor_attention import neighbor_attention
-from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
-from e2former_calc.neighbors import build_graph
-from e2former_calc.water import build_water_box
+from e2former_calc.kernels.neighbor_attention import CONFIG_ENV, neighbor_attention, transpose_neighbors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FLOAT_INPUTS = ["query", "key", "value", "edge_vector", "logit_scale", "logit_bias", "value_weight"]
 
 
-def random_graph(num_nodes, max_degree, generator):
+def random_problem(num_nodes, max_degree, heads, head_dim, value_dim, cutoff, seed):
+    """Float64 CPU inputs on a random CSR graph whose first 7 atoms have no neighbours."""
+    generator = torch.Generator().manual_seed(seed)
     degree = torch.randint(0, max_degree + 1, (num_nodes,), generator=generator)
+    degree[:7] = 0
     row_ptr = torch.cat([torch.zeros(1, dtype=torch.long), degree.cumsum(0)])
-    source_index = torch.randint(0, num_nodes, (int(degree.sum()),), generator=generator)
-    return row_ptr, source_index
+    num_edges = int(degree.sum())
+    source_index = torch.randint(0, num_nodes, (num_edges,), generator=generator)
 
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("payload", ["direction", "inverse_distance"])
-@pytest.mark.parametrize("heads,head_dim,value_dim", [(4, 8, 18), (16, 16, 64), (3, 5, 29)])
-def test_kernel_matches_reference_forward_and_gradients(dtype, payload, heads, head_dim, value_dim):
-    generator = torch.Generator().manual_seed(heads * 1000 + value_dim)
-    num_nodes, cutoff = 300, 5.0
-    row_ptr, source_index = random_graph(num_nodes, 40, generator)
-    num_edges = source_index.numel()
-    direction = torch.randn(num_edges, 3, generator=generator, dtype=torch.float64)
+    direction = randn(num_edges, 3)
     length = 0.5 + (cutoff - 0.6) * torch.rand(num_edges, 1, generator=generator, dtype=torch.float64)
-    inputs = {
-        "query": torch.randn(num_nodes, heads, head_dim, generator=generator, dtype=torch.float64),
-        "key": torch.randn(num_nodes, heads, head_dim, generator=generator, dtype=torch.float64),
-        "value": torch.randn(num_nodes, heads, value_dim, generator=generator, dtype=torch.float64),
+    floats = {
+        "query": randn(num_nodes, heads, head_dim),
+        "key": randn(num_nodes, heads, head_dim),
+        "value": randn(num_nodes, heads, value_dim),
         "edge_vector": direction / direction.norm(dim=1, keepdim=True) * length,
-        "logit_scale": 1 + 0.3 * torch.randn(num_edges, heads, generator=generator, dtype=torch.float64),
-        "logit_bias": torch.randn(num_edges, heads, generator=generator, dtype=torch.float64),
-        "value_weight": 1 + 0.3 * torch.randn(num_edges, heads, generator=generator, dtype=torch.float64),
+        "logit_scale": 1 + 0.3 * randn(num_edges, heads),
+        "logit_bias": randn(num_edges, heads),
+        "value_weight": 1 + 0.3 * randn(num_edges, heads),
     }
+    return floats, row_ptr, source_index
+
+
+def kernel_and_reference(floats, row_ptr, source_index, cutoff, payload, dtype, seed=0, transpose=None):
+    """{use_kernel: [out, 7 gradients]} on CUDA for the same inputs and output gradient."""
+    row_ptr, source_index = row_ptr.cuda(), source_index.cuda()
     grad_out = None
     results = {}
     for use_kernel in (False, True):
-        tensors = {k: v.to("cuda", dtype).requires_grad_(True) for k, v in inputs.items()}
-        out = neighbor_attention(
-            **tensors, row_ptr=row_ptr.cuda(), source_index=source_index.cuda(), cutoff=cutoff,
-            payload=payload, use_kernel=use_kernel,
-        )
+        tensors = {k: v.to("cuda", dtype).requires_grad_(True) for k, v in floats.items()}
+        out = neighbor_attention(**tensors, row_ptr=row_ptr, source_index=source_index, cutoff=cutoff,
+                                 payload=payload, use_kernel=use_kernel, transpose=transpose)
         if grad_out is None:
+            generator = torch.Generator().manual_seed(seed)
             grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to("cuda", dtype)
         grads = torch.autograd.grad(out, list(tensors.values()), grad_out)
         results[use_kernel] = [out.detach()] + list(grads)
+    return results
+
+
+def assert_close_to_reference(results, dtype):
     tolerance = 2e-4 if dtype == torch.float32 else 1e-10
-    names = ["out"] + list(inputs)
-    for name, reference, kernel in zip(names, results[False], results[True]):
+    for name, reference, kernel in zip(["out"] + FLOAT_INPUTS, results[False], results[True]):
+        assert kernel.dtype == dtype
         error = (kernel - reference).norm() / reference.norm().clamp(min=1e-30)
         assert error < tolerance, f"{name}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("payload", ["direction", "inverse_distance"])
+@pytest.mark.parametrize(
+    "heads,head_dim,value_dim",
+    [(4, 8, 18), (16, 16, 64), (3, 5, 29), (16, 8, 36), (128, 8, 18), (8, 16, 144)],  # incl. the model's shapes
+)
+def test_kernel_matches_reference_forward_and_gradients(dtype, payload, heads, head_dim, value_dim):
+    floats, row_ptr, source_index = random_problem(300, 40, heads, head_dim, value_dim, 5.0, seed=heads * 1000 + value_dim)
+    assert_close_to_reference(kernel_and_reference(floats, row_ptr, source_index, 5.0, payload, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("payload", ["direction", "inverse_distance"])
+@pytest.mark.parametrize("override", ["16x8", "16x4", "64x4", "128x8", "32x2", "forward=128x4,target=16x2,source=64x8"])
+def test_kernel_launch_configurations_match_reference(monkeypatch, override, payload, dtype):
+    """Several atoms per program, atoms straddling programs (5 heads), the fallback 16x8."""
+    monkeypatch.setenv(CONFIG_ENV, override)
+    floats, row_ptr, source_index = random_problem(200, 30, 5, 8, 20, 5.0, seed=11)
+    assert_close_to_reference(kernel_and_reference(floats, row_ptr, source_index, 5.0, payload, dtype), dtype)
+
+
+def test_backward_is_deterministic_with_a_cached_transpose():
+    floats, row_ptr, source_index = random_problem(500, 40, 16, 16, 64, 5.0, seed=3)
+    transpose = transpose_neighbors(row_ptr.cuda(), source_index.cuda())
+    first, again = (kernel_and_reference(floats, row_ptr, source_index, 5.0, "direction", torch.float32,
+                                         transpose=transpose)[True] for _ in range(2))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_model_on_cuda_with_kernel_matches_cpu_reference(dtype):
+    pytest.importorskip("ase")
+    pytest.importorskip("vesin")
+    from ase.build import molecule
+
+    from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
+    from e2former_calc.neighbors import build_graph
+    from e2former_calc.water import build_water_box
+
     torch.manual_seed(0)
     config = E2FormerConfig(species=(1, 6, 8), channels=32, num_blocks=2, num_heads=8, cutoff=4.5)
     model = E2FormerV2(config).to(dtype)

@@ -170,3 +170,33 @@ def test_watchdog_stops_on_nan_forces(tmp_path):
     # One evaluation at step 0, one per velocity-Verlet step: forces go bad at step 6.
     assert caught.value.step == 6
     assert read(caught.value.last_good_path).info["step"] == 5
+
+
+def test_wall_clock_budget_stops_and_resumes_the_same_trajectory(tmp_path):
+    settings = dict(
+        ensemble="bussi", temperature_K=40.0, timestep_fs=5.0, steps=24, seed=7, trajectory_interval=5,
+        log_interval=5, restart_interval=100, progress=False,
+    )
+    straight = run_md(argon(StatelessLennardJones), output_dir=tmp_path / "straight", **settings)
+    assert straight.completed and straight.steps == 24
+    # max_seconds=0: every call does one step, saves its state (off the restart interval) and returns.
+    chunks = []
+    while not chunks or not chunks[-1].completed:
+        chunks.append(run_md(argon(StatelessLennardJones), output_dir=tmp_path / "chunked", max_seconds=0.0,
+                             **settings))
+    assert [(chunk.started_from_step, chunk.steps) for chunk in chunks] == [(k, k + 1) for k in range(24)]
+    assert [chunk.completed for chunk in chunks] == [False] * 23 + [True]
+    frames, reference = read(chunks[-1].trajectory_path, ":"), read(straight.trajectory_path, ":")
+    assert [frame.info["step"] for frame in frames] == [0, 5, 10, 15, 20]
+    for a, b in zip(reference, frames):
+        np.testing.assert_array_equal(a.positions, b.positions)
+        np.testing.assert_array_equal(a.get_momenta(), b.get_momenta())
+    assert chunks[-1].log_path.read_text() == straight.log_path.read_text()
+
+
+def test_keep_momenta_starts_from_the_given_momenta(tmp_path):
+    atoms = argon()
+    momenta = np.random.default_rng(0).normal(scale=0.05, size=(len(atoms), 3))
+    atoms.set_momenta(momenta)
+    result = run_md(atoms, "nve", 40.0, 5.0, steps=2, output_dir=tmp_path, keep_momenta=True, progress=False)
+    np.testing.assert_allclose(read(result.trajectory_path, 0).get_momenta(), momenta, atol=1e-7)  # extxyz: 8 decimals

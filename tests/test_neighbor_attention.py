@@ -15,23 +15,20 @@ import sys
 import pytest
 import torch
 
+from e2former_calc.kernels.neighbor_attention import (
+    CONFIG_ENV,
+    DEFAULT_CONFIGS,
+    KERNELS,
+    LaunchConfig,
+    _default_config,
+    _launch_config,
+    _parse_config_override,
+    neighbor_attention,
+    transpose_neighbors,
+)
+from e2former_calc.kernels.neighbor_attention_reference import neighbor_attention_reference
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-if INTERPRETING:
-    # numpy >= 2.4 refuses int() of a 1-element array, which Triton 3.6's interpreter uses for
-    # range(0, runtime_value) (triton-lang/triton#9171, fixed upstream). Apply the upstream fix.
-    from triton.runtime import interpreter as _interpreter
-
-    _patch_lang_tensor = _interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor_with_scalar_index(tensor, scope):
-        _patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interpreter._patch_lang_tensor = _patch_lang_tensor_with_scalar_index
-
-from e2former_calc.kernels.neighbor_attention import neighbor_attention, transpose_neighbors  # noqa: E402
-from e2former_calc.kernels.neighbor_attention_reference import neighbor_attention_reference  # noqa: E402
 
 CUTOFF = 3.0
 PAYLOADS = ["direction", "inverse_distance"]
@@ -169,9 +166,67 @@ def test_dispatch_uses_reference_on_cpu_and_refuses_kernel_without_cuda():
             call(neighbor_attention, graph, use_kernel=True)
 
 
+# ----------------------------------------------------------------------------- launch configuration
+
+
+def test_config_override_parsing():
+    assert _parse_config_override("") == {}
+    assert _parse_config_override("32x4") == {name: LaunchConfig(32, 4) for name in KERNELS}
+    assert _parse_config_override("forward=64x8, source=16x4") == {
+        "forward": LaunchConfig(64, 8), "source": LaunchConfig(16, 4)
+    }
+    with pytest.raises(ValueError, match="unknown kernel"):
+        _parse_config_override("backward=16x4")
+    with pytest.raises(ValueError, match="powers of two"):
+        _parse_config_override("24x4")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("payload", PAYLOADS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_default_configs_are_powers_of_two_and_grids_cover_every_row(kernel, payload, dtype):
+    for num_heads, head_dim, value_dim in [(16, 16, 64), (128, 8, 18), (3, 5, 29), (8, 16, 144)]:
+        grid, meta = _launch_config(kernel, 1001, num_heads, head_dim, value_dim, payload, dtype)
+        rows = meta["BLOCK_R"]
+        assert 16 <= rows <= 128 and rows & (rows - 1) == 0
+        assert (grid[0] - 1) * rows < 1001 * num_heads <= grid[0] * rows
+        assert meta["BLOCK_V"] >= value_dim and meta["BLOCK_D"] >= head_dim
+    assert _default_config(kernel, payload, 64, 8).block_rows <= _default_config(kernel, payload, 64, 4).block_rows
+    assert _default_config(kernel, payload, 256, 4).block_rows <= _default_config(kernel, payload, 64, 4).block_rows
+
+
+def test_default_table_covers_every_kernel_payload_and_precision():
+    assert set(DEFAULT_CONFIGS) == {(k, p, size) for k in KERNELS for p in PAYLOADS for size in (4, 8)}
+
+
+def test_config_environment_override_reaches_the_launch(monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, "source=128x2")
+    grid, meta = _launch_config("source", 100, 4, 8, 8, "direction", torch.float32)
+    assert (meta["BLOCK_R"], meta["num_warps"]) == (128, 2) and grid == (4,)
+    _, meta = _launch_config("forward", 100, 4, 8, 8, "direction", torch.float32)  # not overridden: the default
+    assert (meta["BLOCK_R"], meta["num_warps"]) == _default_config("forward", "direction", 8, 4)
+
+
 # ----------------------------------------------------------------------------- kernel (interpreter)
 
 KERNEL_DEGREES = [0, 3, 1, 4, 0, 2, 5, 1, 0, 3, 2, 6, 1, 1, 0, 2, 4, 3, 0, 1]  # 20 targets: two tiles
+
+
+def assert_kernel_matches_reference(graph, payload, dtype):
+    """Kernel output and all 7 input gradients equal the reference's (float64 1e-11, float32 1e-5)."""
+    grad_out = None
+    results = {}
+    for use_kernel in (False, True):
+        inputs = {name: graph[name].clone().requires_grad_() for name in FLOAT_INPUTS}
+        out = call(neighbor_attention, dict(graph, **inputs), payload=payload, use_kernel=use_kernel)
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+        grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
+        results[use_kernel] = (out, *grads)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    for name, expected, got in zip(["out", *FLOAT_INPUTS], results[False], results[True]):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, expected, **tolerance, msg=lambda m: f"{name}: {m}")
 
 
 @needs_interpreter
@@ -188,19 +243,28 @@ KERNEL_DEGREES = [0, 3, 1, 4, 0, 2, 5, 1, 0, 3, 2, 6, 1, 1, 0, 2, 4, 3, 0, 1]  #
 )
 def test_kernel_matches_reference_with_gradients(dtype, payload, num_heads, head_dim, value_dim):
     graph = random_graph(KERNEL_DEGREES, num_heads, head_dim, value_dim, dtype=dtype, seed=6)
-    grad_out = None
-    results = {}
-    for use_kernel in (False, True):
-        inputs = {name: graph[name].clone().requires_grad_() for name in FLOAT_INPUTS}
-        out = call(neighbor_attention, dict(graph, **inputs), payload=payload, use_kernel=use_kernel)
-        if grad_out is None:
-            grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
-        grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
-        results[use_kernel] = (out, *grads)
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
-    for name, expected, got in zip(["out", *FLOAT_INPUTS], results[False], results[True]):
-        assert got.dtype == dtype
-        torch.testing.assert_close(got, expected, **tolerance, msg=lambda m: f"{name}: {m}")
+    assert_kernel_matches_reference(graph, payload, dtype)
+
+
+# 13 atoms, the first 7 without neighbours: with 5 heads the first 16-row tile has no edge at all,
+# and atoms straddle tiles of 16, 32 or 64 (atom, head) rows.
+CONFIG_DEGREES = [0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 7, 2, 3]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "override, dtype, payload",
+    [
+        ("16x8", torch.float32, "direction"),  # the fallback configuration
+        ("64x4", torch.float64, "direction"),  # several atoms (all their heads) per program
+        ("32x2", torch.float64, "inverse_distance"),
+        ("forward=64x4,target=16x2,source=128x8", torch.float32, "inverse_distance"),
+    ],
+)
+def test_kernel_launch_configurations_match_reference(monkeypatch, override, dtype, payload):
+    monkeypatch.setenv(CONFIG_ENV, override)
+    graph = random_graph(CONFIG_DEGREES, num_heads=5, head_dim=3, value_dim=7, dtype=dtype, seed=10)
+    assert_kernel_matches_reference(graph, payload, dtype)
 
 
 @needs_interpreter

@@ -7,7 +7,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 from ase.neighborlist import neighbor_list
 
-from e2former_calc.neighbors import build_graph, read_charge_spin, spatial_order
+from e2former_calc.neighbors import VerletGraphBuilder, build_graph, read_charge_spin, spatial_order
 from e2former_calc.water import build_water_box
 
 CUTOFF = 3.0
@@ -140,3 +140,88 @@ def test_charge_and_spin_are_read_and_checked():
     atoms.info.update(charge=0, spin=0)
     with pytest.raises(ValueError, match="multiplicity 2S\\+1 and must be at least 1"):
         read_charge_spin(atoms)
+
+
+GRAPH_FIELDS = ("positions", "atomic_numbers", "system_index", "cell", "row_ptr", "source_index", "cell_shift",
+                "charge", "spin")
+
+
+def assert_same_graph(graph, reference):
+    for name in GRAPH_FIELDS:
+        ours, theirs = getattr(graph, name), getattr(reference, name)
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
+
+
+def random_walk(atoms, steps, seed, step_size=0.02, drift=(0.03, 0.0, -0.02)):
+    """Copies of `atoms` along a random walk that also carries every atom across the cell walls."""
+    rng = np.random.default_rng(seed)
+    moved = atoms.copy()
+    for _ in range(steps):
+        moved.positions += rng.normal(scale=step_size, size=moved.positions.shape) + drift
+        yield moved.copy()
+
+
+@pytest.mark.parametrize("skin", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("spatial_sort", [True, False])
+def test_verlet_list_gives_the_rebuilt_graph(skin, spatial_sort):
+    # 27 waters (9.3 Å cell): no pair has two images within cutoff + skin, so the graphs must
+    # be identical tensor for tensor, along a walk that needs several searches.
+    builder = VerletGraphBuilder(CUTOFF, skin, torch.float32, spatial_sort=spatial_sort)
+    frames = list(random_walk(build_water_box(27, seed=2), steps=40, seed=0))
+    for atoms in frames:
+        graph, order = builder(atoms)
+        expected_order = spatial_order(atoms) if spatial_sort else np.arange(len(atoms))
+        np.testing.assert_array_equal(order, expected_order)
+        assert_same_graph(graph, build_graph([atoms], CUTOFF, torch.float32, atom_order=[order]))
+    if skin == 0:
+        assert builder.searches == len(frames)
+    else:
+        assert 1 < builder.searches < len(frames) / 3
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_verlet_list_finds_every_pair_in_small_and_mixed_cells(name):
+    # Cells thinner than 2 (cutoff + skin) hold several images of a pair: the edges then match
+    # ASE as a set (their order may differ from a fresh search).
+    builder = VerletGraphBuilder(CUTOFF, 0.8, torch.float64)
+    for atoms in random_walk(CASES[name], steps=12, seed=1):
+        graph, order = builder(atoms)
+        target, source, vectors = graph_edges(graph)
+        ours = canonical(order[target], order[source], vectors)
+        reference = canonical(*neighbor_list("ijD", atoms, CUTOFF))
+        np.testing.assert_array_equal(ours[:, :2], reference[:, :2])
+        np.testing.assert_allclose(ours[:, 2:], reference[:, 2:], atol=2e-6)
+    assert builder.searches < 12
+
+
+def test_verlet_list_searches_again_when_the_system_changes():
+    atoms = build_water_box(8, seed=4)
+    builder = VerletGraphBuilder(CUTOFF, 1.0)
+    builder(atoms)
+    builder(atoms)
+    assert builder.searches == 1
+    strained = atoms.copy()
+    strained.set_cell(atoms.cell.array * 1.01, scale_atoms=True)
+    other_element = atoms.copy()
+    other_element.numbers[1] = 8
+    charged = atoms.copy()
+    charged.info["charge"] = 1
+    moved = atoms.copy()
+    moved.positions[5] += [0.51, 0, 0]  # more than skin / 2
+    for changed in (strained, other_element, charged, moved):
+        searches = builder.searches
+        graph, order = builder(changed)
+        assert builder.searches == searches + 1
+        assert_same_graph(graph, build_graph([changed], CUTOFF, atom_order=[order]))
+    with pytest.raises(ValueError, match="skin must be zero or positive"):
+        VerletGraphBuilder(CUTOFF, -0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("skin", [0.0, 1.0])
+def test_verlet_list_on_cuda_gives_the_cpu_graph(skin):
+    builder = VerletGraphBuilder(CUTOFF, skin, torch.float32, device="cuda")
+    for atoms in random_walk(build_water_box(27, seed=2), steps=20, seed=0):
+        graph, order = builder(atoms)
+        assert graph.positions.is_cuda and graph.source_index.is_cuda
+        assert_same_graph(graph.to(device="cpu"), build_graph([atoms], CUTOFF, torch.float32, atom_order=[order]))
