@@ -41,28 +41,39 @@ def random_problem(num_nodes, max_degree, heads, head_dim, value_dim, cutoff, se
 
 
 def kernel_and_reference(floats, row_ptr, source_index, cutoff, payload, dtype, seed=0, transpose=None):
-    """{use_kernel: [out, 7 gradients]} on CUDA for the same inputs and output gradient."""
+    """[out, 7 gradients] on CUDA for the same inputs and output gradient, keyed by run:
+    True (kernel, `dtype`), False (reference, `dtype`) and "exact" (reference, float64)."""
     row_ptr, source_index = row_ptr.cuda(), source_index.cuda()
+    generator = torch.Generator().manual_seed(seed)
     grad_out = None
     results = {}
-    for use_kernel in (False, True):
-        tensors = {k: v.to("cuda", dtype).requires_grad_(True) for k, v in floats.items()}
+    for run, run_dtype in ((False, dtype), (True, dtype), ("exact", torch.float64)):
+        tensors = {k: v.to("cuda", run_dtype).requires_grad_(True) for k, v in floats.items()}
         out = neighbor_attention(**tensors, row_ptr=row_ptr, source_index=source_index, cutoff=cutoff,
-                                 payload=payload, use_kernel=use_kernel, transpose=transpose)
+                                 payload=payload, use_kernel=run is True, transpose=transpose)
         if grad_out is None:
-            generator = torch.Generator().manual_seed(seed)
-            grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to("cuda", dtype)
-        grads = torch.autograd.grad(out, list(tensors.values()), grad_out)
-        results[use_kernel] = [out.detach()] + list(grads)
+            grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).cuda()
+        grads = torch.autograd.grad(out, list(tensors.values()), grad_out.to(run_dtype))
+        results[run] = [out.detach()] + list(grads)
     return results
 
 
 def assert_close_to_reference(results, dtype):
-    tolerance = 2e-4 if dtype == torch.float32 else 1e-10
-    for name, reference, kernel in zip(["out"] + FLOAT_INPUTS, results[False], results[True]):
+    """float64: kernel == reference to 1e-10. float32: the kernel's relative error from the float64
+    result is at most that of the float32 reference, within a factor 3 (gradients wrt short edge
+    vectors are ill-conditioned: there the float32 reference itself is only ~2e-4 accurate)."""
+    names = ["out"] + FLOAT_INPUTS
+    for name, reference, kernel, exact in zip(names, results[False], results[True], results["exact"]):
         assert kernel.dtype == dtype
-        error = (kernel - reference).norm() / reference.norm().clamp(min=1e-30)
-        assert error < tolerance, f"{name}: relative error {error:.2e}"
+
+        def error(value, truth):
+            return ((value.double() - truth).norm() / truth.norm().clamp(min=1e-30)).item()
+
+        if dtype == torch.float64:
+            assert error(kernel, reference) < 1e-10, f"{name}: relative error {error(kernel, reference):.2e}"
+        else:
+            allowed = max(2e-5, 3 * error(reference, exact))
+            assert error(kernel, exact) < allowed, f"{name}: relative error {error(kernel, exact):.2e} > {allowed:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
