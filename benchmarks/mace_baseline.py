@@ -7,7 +7,7 @@ by the venv's Python.
 
 Steps (each a sub-command; `all` runs them in order):
 
-  export     frames of runs/water_small_cpu/split.json -> runs/mace/data/{train,val,test}.extxyz
+  export     frames of the --our-run directory/split.json -> runs/mace/data/{train,val,test}.extxyz
              (REF_energy / REF_forces, the frame id in `fid`), plus the per-element reference
              energies fitted by least squares on the training split (our own fit, passed as E0s).
   train      waits for our run (test_metrics.json), times a 3-epoch calibration run to turn the
@@ -52,7 +52,7 @@ from e2former_calc.dataset import (
 from e2former_calc.train import error_metrics, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-OUR_RUN = ROOT / "runs" / "water_small_cpu"
+OUR_RUN = ROOT / "runs" / "water_small"  # our training run to compare with (--our-run)
 WORK = ROOT / "runs" / "mace"
 VENV = WORK / "venv"
 DATA = WORK / "data"
@@ -341,7 +341,7 @@ def evaluate(threads: int) -> dict:
     metrics_path = OUR_RUN / "metrics.jsonl"
     our_epochs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else []
     results = {
-        "what": "MACE (mace-torch) trained and evaluated on exactly the train/val/test split of runs/water_small_cpu "
+        "what": "MACE (mace-torch) trained and evaluated on exactly the train/val/test split of the --our-run directory "
         "(frame ids from split.json, e2former_calc.dataset.frame_id); metrics as in e2former_calc.train.error_metrics: "
         "energy error per atom (meV/atom), force components (meV/Å); the 'loss' entries use our training loss "
         f"({config.loss.kind}, energy weight {config.loss.energy_weight}, force weight {config.loss.force_weight}).",
@@ -398,14 +398,17 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
+    global OUR_RUN
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["export", "train", "evaluate", "all"])
     parser.add_argument("--budget-min", type=float, default=27.0, help="training wall-time budget (minutes)")
     parser.add_argument("--epochs", type=int, default=None, help="skip the calibration and train this many epochs")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--our-run", type=Path, default=OUR_RUN, help="our training run directory (split.json, test_metrics.json)")
     parser.add_argument("--deadline", default=None, help="HH:MM (local): shrink the budget so training ends by then")
     parser.add_argument("--wait", action="store_true", help="poll for our run's test_metrics.json before training")
     args = parser.parse_args()
+    OUR_RUN = args.our_run.resolve()
     if args.step in ("export", "all"):
         export()
     if args.step in ("train", "all"):
