@@ -171,6 +171,25 @@ def _store_rows(X, row_offset, row_mask, width, BLOCK: tl.constexpr, tile):
 
 
 @triton.jit
+def _target_row_step(K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
+                     BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Everything one step of a target-side loop reads for edge row_start + step of each row:
+    valid, edge, the next step's source (prefetched), key [BLOCK_R, BLOCK_D], value [BLOCK_R, BLOCK_V],
+    the edge scalars g, b, phi of the row's head and the edge geometry (_load_edge_geometry)."""
+    valid = step < degree
+    edge = row_start + step
+    src = src_next.to(tl.int64)
+    src_next = tl.load(SRC + edge + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
+    key = _load_rows(K, (src * H + head) * D, valid, D, BLOCK_D)
+    val = _load_rows(V, (src * H + head) * VD, valid, VD, BLOCK_V)
+    g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
+    b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
+    phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
+    rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
+    return valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, R, SCALE, BIAS, VW, ROW_PTR, SRC, PARAMS,  # inputs
     OUT, LSE,  # outputs: [N, A, H, V], [N, H]
@@ -188,16 +207,9 @@ def _forward_kernel(
     acc_z = tl.zeros([BLOCK_R, BLOCK_V], dtype=q.dtype)
     src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
     for step in range(0, tl.max(degree, axis=0)):
-        valid = step < degree
-        edge = row_start + step
-        src = src_next.to(tl.int64)
-        src_next = tl.load(SRC + edge + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
-        key = _load_rows(K, (src * H + head) * D, valid, D, BLOCK_D)
-        val = _load_rows(V, (src * H + head) * VD, valid, VD, BLOCK_V)
-        g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
-        b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
-        phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
-        rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
+        valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp = _target_row_step(
+            K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
+            BLOCK_D, BLOCK_V)
 
         s = tl.where(valid, g * tl.sum(q * key, axis=1) * qk_scale + b, float("-inf"))
         mu_new = tl.maximum(mu, s)
@@ -250,16 +262,9 @@ def _backward_target_kernel(
     dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=q.dtype)
     src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
     for step in range(0, tl.max(degree, axis=0)):
-        valid = step < degree
-        edge = row_start + step
-        src = src_next.to(tl.int64)
-        src_next = tl.load(SRC + edge + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
-        key = _load_rows(K, (src * H + head) * D, valid, D, BLOCK_D)
-        val = _load_rows(V, (src * H + head) * VD, valid, VD, BLOCK_V)
-        g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
-        b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
-        phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
-        rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
+        valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp = _target_row_step(
+            K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
+            BLOCK_D, BLOCK_V)
         ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
 
         qk = tl.sum(q * key, axis=1)
