@@ -18,7 +18,8 @@ Steps (each a sub-command; `all` runs them in order):
 
     nohup nice -n 10 python benchmarks/mace_baseline.py all --wait > runs/mace/baseline.log 2>&1 &
 
-Writes benchmarks/results/mace_water_cpu.json.
+Writes benchmarks/results/mace_water_cpu.json (mace_water_gpu.json with --device cuda, where MACE trains
+and predicts on the GPU with the same hyper-parameters).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ VENV = WORK / "venv"
 DATA = WORK / "data"
 TRAIN_DIR = WORK / "train"
 CALIB_DIR = WORK / "calib"
-RESULTS = ROOT / "benchmarks" / "results" / "mace_water_cpu.json"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 SPLITS = ("train", "val", "test")
 NAME = "mace_water"
 SEED = 0
@@ -255,8 +256,8 @@ EVAL_SCRIPT = '''\
 import json, sys
 import ase.io, numpy as np, torch
 from mace.calculators import MACECalculator
-model_path, out_path, *xyz_paths = sys.argv[1:]
-calc = MACECalculator(model_paths=model_path, device="cpu", default_dtype="float64")
+device, model_path, out_path, *xyz_paths = sys.argv[1:]
+calc = MACECalculator(model_paths=model_path, device=device, default_dtype="float64")
 result = {"n_parameters": int(sum(p.numel() for p in calc.models[0].parameters()))}
 for path in xyz_paths:
     energies, forces = [], []
@@ -274,7 +275,7 @@ def predict(model_path: Path, splits: tuple[str, ...], threads: int) -> dict:
     script.write_text(EVAL_SCRIPT)
     out = WORK / f"pred_{model_path.stem}.json"
     paths = [str(DATA / f"{name}.extxyz") for name in splits]
-    subprocess.run([str(VENV / "bin" / "python"), str(script), str(model_path), str(out), *paths],
+    subprocess.run([str(VENV / "bin" / "python"), str(script), HYPER["device"], str(model_path), str(out), *paths],
                    check=True, env=mace_env(threads), cwd=WORK)
     raw = json.loads(out.read_text())
     return {"n_parameters": raw["n_parameters"], **{name: raw[path] for name, path in zip(splits, paths)}}
@@ -347,7 +348,8 @@ def evaluate(threads: int) -> dict:
         f"({config.loss.kind}, energy weight {config.loss.energy_weight}, force weight {config.loss.force_weight}).",
         "selection": f"of MACE's stage-one and stage-two (EMA) models, the one with the lower validation loss (ours): {chosen}",
         "versions": versions(),
-        "machine": {"cpu_count": os.cpu_count(), "threads": run_record.get("threads"), "note": "shared 2-core CPU"},
+        "machine": {"device": HYPER["device"], "cpu_count": os.cpu_count(), "threads": run_record.get("threads"),
+                    "gpu": torch.cuda.get_device_name() if HYPER["device"] == "cuda" else None},
         "data": json.loads((DATA / "e0s.json").read_text()),
         "hyper_parameters": HYPER | {"max_num_epochs": run_record.get("max_num_epochs"), "start_swa": run_record.get("start_swa"),
                                      "ema": True, "swa": True, "E0s": "our least-squares fit on the training split (see data)"},
@@ -356,7 +358,7 @@ def evaluate(threads: int) -> dict:
             if sys.argv[1:2] == ["all"] else run_record.get("driver"),
             "calibration": run_record.get("calibration", {}).get("command"),
             "train": run_record.get("command"),
-            "evaluate": f"{VENV.relative_to(ROOT)}/bin/python runs/mace/eval_mace.py MODEL OUT runs/mace/data/val.extxyz runs/mace/data/test.extxyz",
+            "evaluate": f"{VENV.relative_to(ROOT)}/bin/python runs/mace/eval_mace.py {HYPER['device']} MODEL OUT runs/mace/data/val.extxyz runs/mace/data/test.extxyz",
         },
         "training": {
             "wall_s": run_record.get("wall_s"),
@@ -374,10 +376,11 @@ def evaluate(threads: int) -> dict:
                  "epochs_logged": len(our_epochs), "training_wall_s_sum_of_epochs": sum(e.get("time_s", 0) for e in our_epochs)}
         if ours else None,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    path = RESULTS_DIR / f"mace_water_{'gpu' if HYPER['device'] == 'cuda' else 'cpu'}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    print(f"wrote {path.relative_to(ROOT)}")
     return results
 
 
@@ -398,7 +401,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    global OUR_RUN
+    global OUR_RUN, VENV
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["export", "train", "evaluate", "all"])
     parser.add_argument("--budget-min", type=float, default=27.0, help="training wall-time budget (minutes)")
@@ -407,8 +410,11 @@ def main() -> None:
     parser.add_argument("--our-run", type=Path, default=OUR_RUN, help="our training run directory (split.json, test_metrics.json)")
     parser.add_argument("--deadline", default=None, help="HH:MM (local): shrink the budget so training ends by then")
     parser.add_argument("--wait", action="store_true", help="poll for our run's test_metrics.json before training")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where MACE trains and predicts")
+    parser.add_argument("--venv", type=Path, default=VENV, help="environment with mace-torch (bin/python, bin/mace_run_train)")
     args = parser.parse_args()
-    OUR_RUN = args.our_run.resolve()
+    OUR_RUN, VENV = args.our_run.resolve(), args.venv.resolve()
+    HYPER["device"] = args.device
     if args.step in ("export", "all"):
         export()
     if args.step in ("train", "all"):

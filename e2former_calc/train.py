@@ -105,6 +105,15 @@ class LossConfig:
     force_weight: float = 1.0
     kind: str = "mse"  # "mse" or "huber"
     huber_delta: float = 0.01  # eV/atom and eV/Å; only for kind "huber"
+    # energy weight of the conservative phase (None: energy_weight). Forces fixed by the direct phase,
+    # a heavier energy term in the fine-tuning pulls the energies in, as MACE's second stage does.
+    conservative_energy_weight: float | None = None
+
+    def for_mode(self, mode: str) -> "LossConfig":
+        """The loss of a training phase ("direct" or "conservative")."""
+        if mode == "conservative" and self.conservative_energy_weight is not None:
+            return replace(self, energy_weight=self.conservative_energy_weight)
+        return self
 
 
 @dataclass
@@ -247,7 +256,7 @@ def train_epoch(model, ema, optimizer, scheduler, data: PackedFrames, config: Tr
             out = model(batch.graph, compute_forces=True, mode=mode, create_graph=mode == "conservative")
             energy_error = (out["energy"].double() - batch.energy) / batch.n_atoms
             loss, energy_term, force_term = loss_terms(
-                energy_error.to(out["forces"].dtype), out["forces"] - batch.forces, config.loss
+                energy_error.to(out["forces"].dtype), out["forces"] - batch.forces, config.loss.for_mode(mode)
             )
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -298,7 +307,7 @@ def error_metrics(energy_error, force_error, n_atoms, loss: LossConfig) -> dict:
 
 def evaluate(model, data: PackedFrames, config: TrainConfig, mode: str) -> dict:
     energy_error, force_error = predict_errors(model, data, config.eval_batch_size, mode)
-    return error_metrics(energy_error, force_error, data.n_atoms.cpu(), config.loss)
+    return error_metrics(energy_error, force_error, data.n_atoms.cpu(), config.loss.for_mode(mode))
 
 
 def evaluate_by_cluster_size(model, data: PackedFrames, config: TrainConfig, mode: str) -> dict:
@@ -307,12 +316,12 @@ def evaluate_by_cluster_size(model, data: PackedFrames, config: TrainConfig, mod
     n_atoms = data.n_atoms.cpu()
     frame_of_atom = torch.repeat_interleave(torch.arange(len(data)), n_atoms)
     labels = [_size_label(atoms) for atoms in data.frames]
-    per_size = {}
+    loss, per_size = config.loss.for_mode(mode), {}
     for label in sorted(set(labels), key=lambda text: (text.split()[1], int(text.split()[0]))):
         frames = torch.tensor([k for k, other in enumerate(labels) if other == label])
         atoms = torch.isin(frame_of_atom, frames)
-        per_size[label] = error_metrics(energy_error[frames], force_error[atoms], n_atoms[frames], config.loss)
-    return {"overall": error_metrics(energy_error, force_error, n_atoms, config.loss), "per_cluster_size": per_size}
+        per_size[label] = error_metrics(energy_error[frames], force_error[atoms], n_atoms[frames], loss)
+    return {"overall": error_metrics(energy_error, force_error, n_atoms, loss), "per_cluster_size": per_size}
 
 
 def _size_label(atoms) -> str:

@@ -70,8 +70,10 @@ class AtomicGraph:
         positions = self.positions if positions is None else positions
         cell = self.cell if cell is None else cell
         target = self.target_index
-        shift = torch.einsum("ec,ecd->ed", self.cell_shift, cell[self.system_index[target]])
-        return positions[self.source_index] - positions[target] + shift
+        shift = torch.einsum("ec,ecd->ed", self.cell_shift, cell.index_select(0, self.system_index[target]))
+        # index_select, not positions[index]: its backward is an index_add, where the backward of
+        # advanced indexing sorts the E indices first (45% of an MD step's GPU time on the H100).
+        return positions.index_select(0, self.source_index) - positions.index_select(0, target) + shift
 
     def to(self, device=None, dtype=None) -> "AtomicGraph":
         """A copy on `device`; float tensors cast to `dtype` (integer tensors keep theirs)."""

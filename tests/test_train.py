@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from e2former_calc.checkpoint import load_model
 from e2former_calc.dataset import element_counts, fit_reference_energies, frame_id, frame_labels, load_frames, split_frames
 from e2former_calc.cli import main as cli_main
-from e2former_calc.train import TrainConfig, TrainingDiverged, load_config, train
+from e2former_calc.train import LossConfig, TrainConfig, TrainingDiverged, load_config, loss_terms, train
 
 TINY_MODEL = dict(channels=8, num_blocks=1, num_heads=2, head_dim=4, cutoff=4.0, num_radial=6,
                   edge_hidden=8, avg_num_neighbors=4.0)
@@ -200,3 +200,13 @@ def test_example_config_is_valid():
     assert config.data.test_fraction > 0
     with pytest.raises(ValueError, match="unknown keys"):
         load_config(EXAMPLE, ["optimizer.learning_rate=1e-3"])
+
+
+def test_conservative_phase_can_weight_energy_differently():
+    loss = LossConfig(energy_weight=10.0, force_weight=1.0, conservative_energy_weight=1000.0)
+    energy_error, force_error = torch.full((4,), 0.01), torch.zeros(5, 3)
+    direct, _, _ = loss_terms(energy_error, force_error, loss.for_mode("direct"))
+    conservative, _, _ = loss_terms(energy_error, force_error, loss.for_mode("conservative"))
+    assert direct.item() == pytest.approx(10.0 * 1e-4)
+    assert conservative.item() == pytest.approx(1000.0 * 1e-4)
+    assert LossConfig(energy_weight=10.0).for_mode("conservative").energy_weight == 10.0
