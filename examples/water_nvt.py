@@ -185,6 +185,8 @@ def _start_record(args: argparse.Namespace, path: Path) -> dict:
     if path.exists():
         previous = json.loads(path.read_text())
         changed = [key for key in IDENTITY if previous["settings"].get(key) != settings[key]]
+        if settings["weights_sha256"] is not None and "weights_sha256" not in changed and "model" in changed:
+            changed.remove("model")  # the same weights under another name (a run path, the registry name)
         if changed:
             raise SystemExit(
                 f"{path.parent} holds a run with other settings ({', '.join(changed)}: "
