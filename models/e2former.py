@@ -119,6 +119,16 @@ def degree_of_rows(l_max: int) -> torch.Tensor:
     return torch.cat([torch.full((2 * l + 1,), l) for l in range(l_max + 1)])
 
 
+def degree_membership(l_max: int) -> torch.Tensor:
+    """[(L+1)^2, L+1] 0/1 matrix: row r belongs to degree l. `features^T @ it` sums each degree's rows.
+
+    The per-degree modules below work on all rows at once (one batched product, masks like this
+    one) rather than slicing per degree: the network runs as far fewer, larger kernels, and the
+    small-molecule step is bound by kernel launches, not arithmetic.
+    """
+    return (degree_of_rows(l_max)[:, None] == torch.arange(l_max + 1)).to(torch.get_default_dtype())
+
+
 class DegreeWiseLinear(nn.Module):
     """[N, (L+1)^2, C_in] -> [N, (L+1)^2, C_out]: one matrix per degree, shared over m.
 
@@ -130,12 +140,14 @@ class DegreeWiseLinear(nn.Module):
         self.l_max = l_max
         self.weight = nn.Parameter(torch.randn(l_max + 1, in_channels, out_channels) / math.sqrt(in_channels))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.register_buffer("row_degree", degree_of_rows(l_max), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = [x[:, l * l : (l + 1) ** 2] @ self.weight[l] for l in range(self.l_max + 1)]
+        # One batched product over the rows, each with its degree's matrix.
+        out = torch.bmm(x.transpose(0, 1), self.weight.index_select(0, self.row_degree)).transpose(0, 1)
         if self.bias is not None:
-            rows[0] = rows[0] + self.bias
-        return torch.cat(rows, dim=1)
+            out = out + F.pad(self.bias[None], (0, 0, 0, out.shape[1] - 1))  # l=0 row only
+        return out
 
 
 class EquivariantRMSNorm(nn.Module):
@@ -152,15 +164,15 @@ class EquivariantRMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(l_max + 1, channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("row_degree", degree_of_rows(l_max), persistent=False)
+        self.register_buffer("membership", degree_membership(l_max), persistent=False)
+        self.register_buffer("degree_width", 2.0 * torch.arange(l_max + 1) + 1, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scalars = x[:, :1] - x[:, :1].mean(dim=-1, keepdim=True)
-        x = torch.cat([scalars, x[:, 1:]], dim=1)
-        mean_square = torch.stack(
-            [x[:, l * l : (l + 1) ** 2].pow(2).mean(dim=(1, 2)) for l in range(self.l_max + 1)], dim=-1
-        ).mean(dim=-1)
-        x = x * torch.rsqrt(mean_square + self.eps)[:, None, None] * self.scale[self.row_degree]
-        return torch.cat([x[:, :1] + self.bias, x[:, 1:]], dim=1)
+        scalar_row = self.membership[:, :1]  # [(L+1)^2, 1], 1 on the l=0 row
+        x = x - scalar_row * x[:, :1].mean(dim=-1, keepdim=True)  # centre the scalars over channels
+        mean_square = ((x.pow(2).mean(dim=-1) @ self.membership) / self.degree_width).mean(dim=-1)
+        x = x * torch.rsqrt(mean_square + self.eps)[:, None, None] * self.scale.index_select(0, self.row_degree)
+        return x + scalar_row * self.bias
 
 
 class GatedFFN(nn.Module):
@@ -172,13 +184,13 @@ class GatedFFN(nn.Module):
         self.linear_in = DegreeWiseLinear(l_max, channels, hidden)
         self.gates = nn.Linear(channels, l_max * hidden)
         self.linear_out = DegreeWiseLinear(l_max, hidden, channels)
+        self.register_buffer("gate_of_row", degree_of_rows(l_max)[1:] - 1, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.linear_in(x)
         gates = torch.sigmoid(self.gates(x[:, 0])).view(-1, self.l_max, self.hidden)
-        rows = [F.silu(h[:, :1])]
-        rows += [h[:, l * l : (l + 1) ** 2] * gates[:, l - 1, None, :] for l in range(1, self.l_max + 1)]
-        return self.linear_out(torch.cat(rows, dim=1))
+        gated = h[:, 1:] * gates.index_select(1, self.gate_of_row)  # row of degree l > 0: gate l
+        return self.linear_out(torch.cat([F.silu(h[:, :1]), gated], dim=1))
 
 
 class EdgeScalars(nn.Module):
@@ -223,32 +235,50 @@ class EquivariantAttention(nn.Module):
         self.edge_scalars = EdgeScalars(config.num_radial, len(config.species), config.edge_hidden, H)
         self.paths = first_order_paths(L)
         self._coupling_cache = {}
+        self.register_buffer("membership", degree_membership(L), persistent=False)
         self.output = nn.ModuleList(
             nn.Linear(sum(1 for _, l3 in self.paths if l3 == l) * C, C, bias=(l == 0)) for l in range(L + 1)
         )
         if config.value_path == "eaas":
             self.eaas = EAASTensorProduct(L, 1, L)
 
-    def couplings(self, like: torch.Tensor) -> list[torch.Tensor]:
-        """sqrt(3) CG(l1, 1, l3) [2l1+1, 3, 2l3+1] per path, in `like`'s dtype and device.
+    def coupling(self, like: torch.Tensor) -> torch.Tensor:
+        """[3 (L+1)^2, Q] every path's sqrt(3) CG(l1, 1, l3) in one matrix, in `like`'s dtype and device.
 
-        R1(r̂) = sqrt(3) r̂ in component normalisation; the CG's middle index runs over x, y, z.
-        Built from the float64 tables on first use and cached (not buffers, so that casting the
-        model to float32 and back never rounds them).
+        Row 3-major (f, r): component f of r̂ times input row r of degree l1; column (l3, path, o):
+        output row o of each path, paths grouped by l3 in `self.paths` order. R1(r̂) = sqrt(3) r̂ in
+        component normalisation. Built from the float64 tables on first use and cached (not a buffer,
+        so that casting the model to float32 and back never rounds it).
         """
         key = (like.dtype, like.device)
         if key not in self._coupling_cache:
-            self._coupling_cache[key] = [
-                (math.sqrt(3) * clebsch_gordan(l1, 1, l3)).to(dtype=like.dtype, device=like.device)
-                for l1, l3 in self.paths
-            ]
+            rows = (self.config.l_max + 1) ** 2
+            blocks = []
+            for l3 in range(self.config.l_max + 1):
+                for l1, out_degree in self.paths:
+                    if out_degree == l3:
+                        block = torch.zeros(3, rows, 2 * l3 + 1, dtype=torch.float64)
+                        block[:, l1 * l1 : (l1 + 1) ** 2] = math.sqrt(3) * clebsch_gordan(l1, 1, l3).transpose(0, 1)
+                        blocks.append(block.reshape(3 * rows, 2 * l3 + 1))
+            self._coupling_cache[key] = torch.cat(blocks, dim=1).to(dtype=like.dtype, device=like.device)
         return self._coupling_cache[key]
+
+    def contract_moments(self, moments: torch.Tensor) -> list[torch.Tensor]:
+        """[N, 3, (L+1)^2, C] moments -> per l3, [N, 2l3+1, paths_l3 * C]: every l1 (x) 1 -> l3 path, in one product."""
+        N, _, rows, C = moments.shape
+        products = moments.reshape(N, 3 * rows, C).transpose(1, 2) @ self.coupling(moments)  # [N, C, Q]
+        out, start = [], 0
+        for l3 in range(self.config.l_max + 1):
+            paths = sum(1 for _, out_degree in self.paths if out_degree == l3)
+            block = products[:, :, start : start + paths * (2 * l3 + 1)].reshape(N, C, paths, 2 * l3 + 1)
+            out.append(block.permute(0, 3, 2, 1).reshape(N, 2 * l3 + 1, paths * C))
+            start += paths * (2 * l3 + 1)
+        return out
 
     def invariants(self, x: torch.Tensor) -> torch.Tensor:
         """[N, (L+1)^2, C] -> [N, (L+1)*C]: s_l = sum_m (W1_l x)_lm * (W2_l x)_lm per degree."""
         product = self.invariant_left(x) * self.invariant_right(x)
-        L = self.config.l_max
-        return torch.cat([product[:, l * l : (l + 1) ** 2].sum(dim=1) for l in range(L + 1)], dim=-1)
+        return (product.transpose(1, 2) @ self.membership).transpose(1, 2).reshape(x.shape[0], -1)
 
     def forward(self, x, graph: AtomicGraph, edge_vector, radial_basis, species_pair, positions, create_graph):
         cfg = self.config
@@ -272,21 +302,17 @@ class EquivariantAttention(nn.Module):
             return out.view(N, A, H, rows, C // H).permute(0, 1, 3, 2, 4).reshape(N, A, rows, C)
 
         if cfg.value_path == "moments":
-            moments = attend(values, "direction")  # [N, 3, R, C]
-            path_outputs = [
-                torch.einsum("nfmc,mfo->noc", moments[:, :, l1 * l1 : (l1 + 1) ** 2], coupling)
-                for (l1, _), coupling in zip(self.paths, self.couplings(moments))
-            ]
+            stacked = self.contract_moments(attend(values, "direction"))  # from [N, 3, R, C] moments
         else:
             source_terms = self.eaas(values, positions)  # [N, R_T, C]
             sums = attend(torch.cat([source_terms, values], dim=1), "inverse_distance")[:, 0]
             combined = sums[:, : source_terms.shape[1]] - self.eaas(sums[:, source_terms.shape[1] :], positions)
             path_outputs = [combined[:, rows] for rows in self.eaas.path_rows()]
-        out = []
-        for l in range(cfg.l_max + 1):
-            stacked = torch.cat([p for p, (_, l3) in zip(path_outputs, self.paths) if l3 == l], dim=-1)
-            out.append(self.output[l](stacked))
-        return torch.cat(out, dim=1)
+            stacked = [
+                torch.cat([p for p, (_, l3) in zip(path_outputs, self.paths) if l3 == l], dim=-1)
+                for l in range(cfg.l_max + 1)
+            ]
+        return torch.cat([self.output[l](stacked[l]) for l in range(cfg.l_max + 1)], dim=1)
 
 
 class DegreeEmbedding(nn.Module):
