@@ -425,8 +425,8 @@ class E2FormerV2(nn.Module):
     ) -> dict:
         """Energies (eV), forces (eV/Å) and stress (eV/Å^3) of the packed systems.
 
-        Returns {"energy": [B], "energies": [N], "forces": [N, 3], "stress": [B, 3, 3]}, the last two
-        only when asked. Conservative forces are -dE/dr; the stress is (1/V) dE/d(strain) with
+        Returns {"energy": [B] (float64), "energies": [N], "forces": [N, 3], "stress": [B, 3, 3]}, the
+        last two only when asked. Conservative forces are -dE/dr; the stress is (1/V) dE/d(strain) with
         a symmetric strain applied to positions and cell (ASE's sign). `create_graph` keeps the
         graph of the forces for training on them (and uses the twice-differentiable reference path).
         """
@@ -446,9 +446,14 @@ class E2FormerV2(nn.Module):
                 cell = cell + cell @ symmetric
             edge_vector = graph.edge_vectors(positions, cell)
             features, species = self.node_features(graph, positions, edge_vector, create_graph)
-            energies = self.config.energy_scale * self.energy_head(features[:, 0]).squeeze(-1)
-            energies = energies + self.reference_energy[species]
-            energy = torch.zeros_like(graph.cell[:, 0, 0]).index_add(0, graph.system_index, energies)
+            learned = self.config.energy_scale * self.energy_head(features[:, 0]).squeeze(-1)
+            reference = self.reference_energy[species]
+            energies = learned + reference
+            # Totals in float64: in float32 a total near -4.5e5 eV (216 waters) is only good to 0.03 eV.
+            totals = torch.zeros_like(graph.cell[:, 0, 0], dtype=torch.float64)
+            energy = totals.index_add(0, graph.system_index, learned.double()).index_add(
+                0, graph.system_index, reference.double()
+            )
             result = {"energy": energy, "energies": energies}
             if conservative:
                 wrt = [leaf_positions, strain] if compute_stress else [leaf_positions]

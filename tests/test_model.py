@@ -92,6 +92,21 @@ def test_translation_far_from_origin_float32_moments():
     assert abs(energy - energy_shifted) < 1e-5 * energy.abs()
 
 
+def test_float32_model_totals_energy_in_float64():
+    """Per-atom energies near -1000 eV: a float32 total of 192 atoms would be off by up to ~0.01 eV."""
+    model = make_model(dtype=torch.float32)
+    with torch.no_grad():
+        model.reference_energy.fill_(-1000.123)
+    atoms = build_water_box(64, seed=0)
+    out = evaluate(model, [atoms], compute_forces=False)
+    model64 = make_model(dtype=torch.float64)
+    with torch.no_grad():
+        model64.reference_energy.copy_(model.reference_energy.double())
+    exact = evaluate(model64, [atoms], compute_forces=False)["energy"]
+    assert out["energy"].dtype == torch.float64
+    assert abs(out["energy"] - exact).item() < 1e-3
+
+
 def test_permutation_and_batching_match_single_evaluations():
     model = make_model()
     atoms_a, atoms_b = ethanol_water(), molecule("CH4")
