@@ -23,6 +23,8 @@ Models:
   e2former_water_small   the water preset's architecture (C=64, 3 blocks, 16 heads), cutoff 6 Å
   e2former_paper_naive   paper size with the PyTorch reference attention, which materialises the
                          per-edge keys, values and messages (E×H×D, E×H×C, E×3×H×C)
+  e2former_*_recompute   conservative mode that keeps only each block's input for the force pass
+                         and recomputes the block there (E2FormerCalculator(recompute=True))
   mace                   mace-torch 0.3.16 ScaleShiftMACE, e3nn backend: 128x0e+128x1o,
                          max_ell 3, correlation 3, 2 interactions, 6 Å; conservative only
   esen_sm                fairchem-core eSCNMDBackbone with UMA-S's backbone (K4L2: 128 sphere
@@ -79,14 +81,19 @@ BUDGETS_S = {
     ("e2former_water_small", "conservative"): 40,
     ("e2former_paper_naive", "direct"): 15,
     ("e2former_paper_naive", "conservative"): 15,
+    ("e2former_paper_recompute", "conservative"): 45,
+    ("e2former_water_small_recompute", "conservative"): 40,
     ("mace", "conservative"): 50,
     ("esen_sm", "direct"): 30,
     ("esen_sm", "conservative"): 30,
 }
-OUR_MODELS = ("e2former_paper", "e2former_water_small", "e2former_paper_naive")
+OUR_MODELS = ("e2former_paper", "e2former_water_small", "e2former_paper_naive", "e2former_paper_recompute",
+              "e2former_water_small_recompute")
 PEERS = ("mace", "esen_sm")
 PEER_STARTUP_S = 45  # imports, model build and neighbour lists of a peer subprocess, on top of its budgets
 NOT_RUN = {
+    **{(name, "direct"): "recomputation only changes the backward pass, which direct mode does not run"
+       for name in ("e2former_paper_recompute", "e2former_water_small_recompute")},
     ("mace", "direct"): "MACE has no direct-force head (forces are -dE/dr only)",
     ("equiformer_v2", "direct"): (
         "EquiformerV2 is not in fairchem-core 2.x (removed); fairchem-core 1.x, which has it, pins "
@@ -205,6 +212,8 @@ def e2former_configs() -> dict:
         "e2former_paper": E2FormerConfig(cutoff=CUTOFF),
         "e2former_water_small": E2FormerConfig.from_dict(water),
         "e2former_paper_naive": E2FormerConfig(cutoff=CUTOFF),
+        "e2former_paper_recompute": E2FormerConfig(cutoff=CUTOFF),
+        "e2former_water_small_recompute": E2FormerConfig.from_dict(water),
     }
 
 
@@ -218,10 +227,13 @@ def e2former_contenders(names, modes, device, budget_scale) -> tuple[list[Conten
             continue
         torch.manual_seed(0)
         model = E2FormerV2(config).to(device).eval()
+        model.recompute_blocks = name.endswith("_recompute")
         info[name] = {"parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict(),
                       "attention": "PyTorch reference" if name.endswith("_naive") else "fused Triton kernel on CUDA"}
         naive = name.endswith("_naive")
         for mode in modes:
+            if (name, mode) in NOT_RUN:
+                continue
             def make_step(graph, model=model, mode=mode, naive=naive):
                 def step():
                     context = reference_attention() if naive else contextlib.nullcontext()
@@ -467,7 +479,7 @@ def print_row(row: dict) -> None:
     steps = f"{row['warmup']}+{row['repeats']}" if "warmup" in row else ""
     peak = f"{row['peak_gb']:.2f}" if row.get("peak_gb") is not None else "-"
     per_atom = f"{row['bytes_per_atom'] / 1e3:.0f}k" if row.get("bytes_per_atom") is not None else "-"
-    print(f"{row['model']:22s} {row['mode']:12s} {row['num_atoms']:>8} {row.get('num_edges', ''):>10} "
+    print(f"{row['model']:30s} {row['mode']:12s} {row['num_atoms']:>8} {row.get('num_edges', ''):>10} "
           f"{steps:>6s} {format_rate(row):>12.40s} {peak:>7s} {per_atom:>8s}", flush=True)
 
 
@@ -478,7 +490,7 @@ def print_summary(data: dict) -> None:
         print(f"  {row['num_atoms']:>8} {row['num_edges']:>10} {row['cpu_vesin_s']:8.3f} {gpu:>8s}")
     print("\nsteps/s (peak GB) by N")
     sizes = sorted({row["num_atoms"] for row in data["rows"]})
-    print(f"{'model':22s} {'mode':12s} " + " ".join(f"{n:>16}" for n in sizes))
+    print(f"{'model':30s} {'mode':12s} " + " ".join(f"{n:>16}" for n in sizes))
     for key in dict.fromkeys((row["model"], row["mode"]) for row in data["rows"]):
         cells = []
         for n in sizes:
@@ -489,7 +501,7 @@ def print_summary(data: dict) -> None:
                 cells.append(f"{row['steps_per_s']:.3g} ({row['peak_gb']:.1f})")
             else:
                 cells.append(format_rate(row)[:16])
-        print(f"{key[0]:22s} {key[1]:12s} " + " ".join(f"{c:>16s}" for c in cells))
+        print(f"{key[0]:30s} {key[1]:12s} " + " ".join(f"{c:>16s}" for c in cells))
     for entry in data["not_run"]:
         print(f"not run: {entry['model']} {entry['mode']}: {entry['reason']}")
 
@@ -656,7 +668,7 @@ def main(argv=None) -> None:
     data["models"].update(info)
     results.save()
     print(f"\n--- ours on {data['environment']['device']}", flush=True)
-    print(f"{'model':22s} {'mode':12s} {'N':>8s} {'edges':>10s} {'steps':>6s} {'steps/s':>12s} {'GB':>7s} {'B/atom':>8s}")
+    print(f"{'model':30s} {'mode':12s} {'N':>8s} {'edges':>10s} {'steps':>6s} {'steps/s':>12s} {'GB':>7s} {'B/atom':>8s}")
     warm_up_neighbor_search(device)
     sweep = Sweep(contenders, args.sizes, device, deadline, ladder_from(args), results.add_row)
     for n in args.sizes:

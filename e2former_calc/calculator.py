@@ -57,6 +57,9 @@ class E2FormerCalculator(Calculator):
     skin:   Å; above 0, single-system calculations reuse a Verlet neighbour list searched within
             cutoff + skin until some atom has moved more than skin / 2 (same results, fewer
             searches in MD). 0 searches on every call. `calculate_batch` always searches.
+    recompute: conservative mode keeps only each block's input for the force pass and recomputes
+            the block's activations there (the same results; less GPU memory for the largest
+            systems, at the cost of a second forward pass through the blocks).
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -69,6 +72,7 @@ class E2FormerCalculator(Calculator):
         mode: str = "conservative",
         spatial_sort: bool = True,
         skin: float = 0.0,
+        recompute: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -83,6 +87,7 @@ class E2FormerCalculator(Calculator):
         else:
             self.model = load_model(model, self.device, self.dtype)
             self.model.requires_grad_(False)  # our own copy: no parameter gradients needed
+        self.model.recompute_blocks = recompute
         self.config = self.model.config
         self.graph_builder = VerletGraphBuilder(self.config.cutoff, skin, self.dtype, self.device, spatial_sort)
 

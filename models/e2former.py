@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from e2former_calc.kernels.neighbor_attention import neighbor_attention
 from e2former_calc.models.eaas import EAASTensorProduct
@@ -365,6 +366,9 @@ class E2FormerV2(nn.Module):
         self.final_norm = EquivariantRMSNorm(L, C)
         self.energy_head = nn.Sequential(nn.Linear(C, C), nn.SiLU(), nn.Linear(C, 1))
         self.force_head = nn.Linear(C, 1, bias=False)
+        # Memory for time, not part of the function: when set, a backward pass (conservative forces
+        # without create_graph) keeps only each block's input and recomputes the block's activations.
+        self.recompute_blocks = False
 
     def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
         """[N] atomic numbers -> [N] index into config.species; ValueError for unknown elements."""
@@ -395,13 +399,19 @@ class E2FormerV2(nn.Module):
             counts = torch.bincount(graph.system_index, minlength=graph.num_systems).clamp(min=1)
             centre = torch.zeros_like(graph.cell[:, 0]).index_add(0, graph.system_index, positions) / counts[:, None]
             positions = positions - centre[graph.system_index]
-        for norm, attention, ffn_norm, ffn in zip(self.attention_norms, self.attentions, self.ffn_norms, self.ffns):
-            h = norm(x)
-            if system is not None:
-                h = torch.cat([h[:, :1] + system[graph.system_index, None, :], h[:, 1:]], dim=1)
-            x = x + attention(h, graph, edge_vector, radial_basis, species_pair, positions, create_graph)
-            x = x + ffn(ffn_norm(x))
+        recompute = self.recompute_blocks and torch.is_grad_enabled() and not create_graph
+        for index in range(cfg.num_blocks):
+            arguments = (index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph)
+            x = checkpoint(self.block, *arguments, use_reentrant=False) if recompute else self.block(*arguments)
         return self.final_norm(x), species
+
+    def block(self, index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph):
+        """Transformer block `index`: x + Attention(Norm(x)), then + GatedFFN(Norm(.)); [N, (L+1)^2, C]."""
+        h = self.attention_norms[index](x)
+        if system is not None:
+            h = torch.cat([h[:, :1] + system[graph.system_index, None, :], h[:, 1:]], dim=1)
+        x = x + self.attentions[index](h, graph, edge_vector, radial_basis, species_pair, positions, create_graph)
+        return x + self.ffns[index](self.ffn_norms[index](x))
 
     def system_embedding(self, graph: AtomicGraph):
         """[B, C] embedding of total charge and spin multiplicity, or None if the model has none."""

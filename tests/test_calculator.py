@@ -258,3 +258,20 @@ def test_verlet_skin_gives_the_same_results_along_a_trajectory():
             np.testing.assert_array_equal(ours, reference)
     assert rebuilt.graph_builder.searches == 8
     assert verlet.graph_builder.searches < 4
+
+
+def test_recompute_gives_the_same_results_and_runs_blocks_twice():
+    plain, recompute = calculator(), calculator(recompute=True)
+    recompute.model.load_state_dict(plain.model.state_dict())
+    atoms = build_water_box(8, seed=2)
+    calls = []
+    block = recompute.model.block
+    recompute.model.block = lambda index, *args: calls.append(index) or block(index, *args)
+    results = []
+    for calc in (plain, recompute):
+        atoms.calc = calc
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    for reference, ours in zip(*results):
+        np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
+    blocks = recompute.model.config.num_blocks
+    assert calls == list(range(blocks)) + list(reversed(range(blocks)))  # forward, then again backwards
