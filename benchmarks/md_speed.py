@@ -10,12 +10,14 @@ conservative forces) into E2FormerCalculator, relax --relax-steps FIRE steps (or
 1. speed: for each --skins value (Verlet skin, Å; 0 searches neighbours every step), NVT with
    Bussi (10 fs) at 0.5 fs through e2former_calc.md.run_md (trajectory every 100 steps, as in
    the full example): --warmup steps (kernel compilation), then --steps timed steps, resumed
-   from the warm-up's restart file; steps/s and ns/day = steps/s x timestep x 86400.
+   from the warm-up's restart file; steps/s and ns/day = steps/s x timestep x 86400. Then the
+   same for each --cuda-graph-skins value with E2FormerCalculator(cuda_graph=True) (one CUDA
+   graph captured per neighbour search, replayed in between; CUDA only).
 2. breakdown, at the last configuration: one graph build, one model forward + backward, one
    whole calculator call (CUDA-event timed means), and with --profile-steps > 0 the top
    operators of a torch.profiler trace of that many calculator calls.
 3. drift: NVE (velocity Verlet, 0.5 fs) for --nve-ps from the end of the NVT run, with the
-   fastest skin; Etot(t) logged every 10 steps, least-squares slope in meV/atom/ps with its
+   fastest configuration; Etot(t) logged every 10 steps, least-squares slope in meV/atom/ps with its
    standard error, and the RMS of Etot about the line.
 
 Prints a table and writes the numbers with the environment (device, date, commit, command) to
@@ -58,6 +60,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=300.0, help="K")
     parser.add_argument("--timestep", type=float, default=0.5, help="fs")
     parser.add_argument("--skins", type=float, nargs="+", default=[0.0, 1.0], help="Verlet skins to time, Å")
+    parser.add_argument("--cuda-graph-skins", type=float, nargs="*", default=None,
+                        help="skins to time with E2FormerCalculator(cuda_graph=True) (default: 0.5 1.0 1.5 on CUDA)")
     parser.add_argument("--warmup", type=int, default=50, help="untimed NVT steps per skin")
     parser.add_argument("--steps", type=int, default=400, help="timed NVT steps per skin")
     parser.add_argument("--nve-ps", type=float, default=1.0, help="NVE length for the drift, ps")
@@ -85,16 +89,22 @@ def main() -> None:
     results["system"]["n_edges"] = atoms.calc.graph_builder(atoms)[0].num_edges
     start_positions = atoms.get_positions()
     with tempfile.TemporaryDirectory() as scratch:
+        graph_skins = args.cuda_graph_skins
+        if graph_skins is None:
+            graph_skins = [0.5, 1.0, 1.5] if atoms.calc.device.type == "cuda" else []
         rows = []
-        for skin in args.skins:  # each from the same positions and seeded momenta; NVE goes on from the last
+        # each from the same positions and seeded momenta; NVE goes on from the fastest's end state
+        for skin, graphed in [(skin, False) for skin in args.skins] + [(skin, True) for skin in graph_skins]:
             atoms.set_positions(start_positions)
-            atoms.calc = E2FormerCalculator(args.model, device=args.device, dtype=args.dtype, skin=skin)
-            rows.append(time_nvt(atoms, skin, args, Path(scratch) / f"nvt_skin_{skin}"))
+            atoms.calc = E2FormerCalculator(args.model, device=args.device, dtype=args.dtype, skin=skin, cuda_graph=graphed)
+            rows.append(time_nvt(atoms, skin, args, Path(scratch) / f"nvt_skin_{skin}_{graphed}"))
         results["device"] = str(atoms.calc.device)
         results["nvt_speed"] = rows
         fastest = max(rows, key=lambda row: row["steps_per_s"])
         atoms.calc = E2FormerCalculator(args.model, device=args.device, dtype=args.dtype, skin=fastest["skin_A"])
         results["breakdown"] = breakdown(atoms.calc, atoms, args.profile_steps)
+        atoms.calc = E2FormerCalculator(args.model, device=args.device, dtype=args.dtype, skin=fastest["skin_A"],
+                                        cuda_graph=fastest["cuda_graph"])
         results["nve"] = nve_drift(atoms, args, Path(scratch) / "nve", fastest["skin_A"])
 
     out.write_text(json.dumps(results, indent=1))
@@ -129,7 +139,8 @@ def time_nvt(atoms, skin: float, args: argparse.Namespace, directory: Path) -> d
     timed = run_md(atoms, steps=args.warmup + args.steps, **common)
     steps_per_s = args.steps / timed.elapsed_s
     row = {
-        "skin_A": skin, "steps": args.steps, "seconds": timed.elapsed_s, "steps_per_s": steps_per_s,
+        "skin_A": skin, "cuda_graph": atoms.calc.captured is not None, "steps": args.steps,
+        "seconds": timed.elapsed_s, "steps_per_s": steps_per_s,
         "ms_per_step": 1000 / steps_per_s, "ns_per_day": steps_per_s * args.timestep * 1e-6 * 86400,
         "neighbour_searches": atoms.calc.graph_builder.searches, "final_temperature_K": timed.final_temperature_K,
     }
@@ -200,19 +211,23 @@ def nve_drift(atoms, args: argparse.Namespace, directory: Path, skin: float) -> 
     }
 
 
+def fastest_graph(results: dict) -> bool:
+    return max(results["nvt_speed"], key=lambda row: row["steps_per_s"])["cuda_graph"]
+
+
 def print_table(results: dict) -> None:
     system = results["system"]
     print(f"\n{results['environment']['device']}: {system['n_atoms']} atoms, {system['n_edges']} edges, "
           f"box {system['box_A']:.2f} Å; start: {system['start']}")
-    print(f"{'skin Å':>7s} {'steps':>6s} {'ms/step':>8s} {'steps/s':>8s} {'ns/day':>7s} {'searches':>9s} {'T K':>6s}")
+    print(f"{'skin Å':>7s} {'graph':>6s} {'steps':>6s} {'ms/step':>8s} {'steps/s':>8s} {'ns/day':>7s} {'searches':>9s} {'T K':>6s}")
     for row in results["nvt_speed"]:
-        print(f"{row['skin_A']:7.2f} {row['steps']:6d} {row['ms_per_step']:8.2f} {row['steps_per_s']:8.2f} "
+        print(f"{row['skin_A']:7.2f} {str(row['cuda_graph']):>6s} {row['steps']:6d} {row['ms_per_step']:8.2f} {row['steps_per_s']:8.2f} "
               f"{row['ns_per_day']:7.3f} {row['neighbour_searches']:9d} {row['final_temperature_K']:6.0f}")
     parts = results["breakdown"]
     print(f"per call: graph {parts['graph_ms']:.2f} ms, model forward+backward "
           f"{parts['model_forward_backward_ms']:.2f} ms, calculator {parts['calculator_call_ms']:.2f} ms")
     nve = results["nve"]
-    print(f"NVE {nve['ps']:.3g} ps (skin {nve['skin_A']} Å): drift {nve['drift_meV_per_atom_ps']:+.4f} "
+    print(f"NVE {nve['ps']:.3g} ps (skin {nve['skin_A']} Å, CUDA graph {fastest_graph(results)}): drift {nve['drift_meV_per_atom_ps']:+.4f} "
           f"± {nve['drift_standard_error_meV_per_atom_ps']:.4f} meV/atom/ps, Etot RMS about the fit "
           f"{nve['etot_rms_about_fit_meV_per_atom']:.4f} meV/atom, mean T {nve['mean_temperature_K']:.0f} K")
     if "profile" in parts:

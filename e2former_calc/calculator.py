@@ -31,6 +31,7 @@ from ase.data import chemical_symbols
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from e2former_calc.checkpoint import load_model, resolve_device, resolve_dtype
+from e2former_calc.cuda_graph import CapturedModel
 from e2former_calc.neighbors import (
     VerletGraphBuilder,
     build_graph,
@@ -60,6 +61,11 @@ class E2FormerCalculator(Calculator):
     recompute: conservative mode keeps only each block's input for the force pass and recomputes
             the block's activations there (the same results; less GPU memory for the largest
             systems, at the cost of a second forward pass through the blocks).
+    cuda_graph: on CUDA with skin > 0, capture the evaluation as a CUDA graph at each neighbour
+            search and replay it at the calls until the next one (`e2former_calc.cuda_graph`):
+            for small systems, whose steps are bound by kernel launches. Between searches the
+            graph keeps every pair within cutoff + skin (more edges, each beyond the cutoff
+            contributing zero), so results equal the default's up to rounding.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
@@ -73,6 +79,7 @@ class E2FormerCalculator(Calculator):
         spatial_sort: bool = True,
         skin: float = 0.0,
         recompute: bool = False,
+        cuda_graph: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -90,6 +97,13 @@ class E2FormerCalculator(Calculator):
         self.model.recompute_blocks = recompute
         self.config = self.model.config
         self.graph_builder = VerletGraphBuilder(self.config.cutoff, skin, self.dtype, self.device, spatial_sort)
+        self.captured = None
+        if cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graph=True needs a CUDA device; this calculator runs on {self.device}")
+            if not skin > 0:
+                raise ValueError("cuda_graph=True needs skin > 0: a graph is captured per neighbour search and replayed until the next")
+            self.captured = CapturedModel(self.model)
 
     def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
         """ASE's changes (positions, numbers, cell, pbc, ...) plus charge/spin in atoms.info."""
@@ -107,8 +121,13 @@ class E2FormerCalculator(Calculator):
         if "stress" in properties:
             self._check_stress_possible(self.atoms)
         self._check_inputs(self.atoms)
-        graph, order = self.graph_builder(self.atoms)
-        (self.results,) = self._run_model(graph, [order], compute_forces=True, compute_stress=stress_possible)
+        if self.captured is not None:
+            graph, order, _ = self.graph_builder.static_graph(self.atoms)
+        else:
+            graph, order = self.graph_builder(self.atoms)
+        (self.results,) = self._run_model(
+            graph, [order], compute_forces=True, compute_stress=stress_possible, captured=self.captured is not None
+        )
 
     def calculate_batch(
         self, atoms_list: Sequence[Atoms], properties: Sequence[str] = ("energy", "forces")
@@ -134,12 +153,14 @@ class E2FormerCalculator(Calculator):
         return self._run_model(graph, orders, compute_forces="forces" in properties, compute_stress="stress" in properties)
 
     def _run_model(
-        self, graph: AtomicGraph, orders: Sequence[np.ndarray], compute_forces: bool, compute_stress: bool
+        self, graph: AtomicGraph, orders: Sequence[np.ndarray], compute_forces: bool, compute_stress: bool,
+        captured: bool = False,
     ) -> list[dict]:
         """Results dicts of the systems packed in `graph` (system b's atom k is atoms[orders[b][k]])."""
         needs_autograd = self.mode == "conservative" and (compute_forces or compute_stress)
+        evaluate = self.captured if captured else self.model
         with torch.set_grad_enabled(needs_autograd):
-            output = self.model(graph, compute_forces=compute_forces, compute_stress=compute_stress, mode=self.mode)
+            output = evaluate(graph, compute_forces=compute_forces, compute_stress=compute_stress, mode=self.mode)
         output = _to_numpy(output)
 
         results, start = [], 0

@@ -233,6 +233,9 @@ class VerletGraphBuilder:
     them, with the integer images the wrap removed, to `device`; the pair list ([P] indices and
     [P, 3] shifts), elements, cell, charge and spin stay there between searches. `searches`
     counts the neighbour searches done.
+
+    `static_graph` is the variant for replaying a captured CUDA graph: one graph object per search,
+    whose positions alone change in place.
     """
 
     def __init__(
@@ -252,12 +255,44 @@ class VerletGraphBuilder:
         self.spatial_sort = spatial_sort
         self.searches = 0
         self._key = None  # (numbers, cell, pbc, charge, spin) of the stored search
+        self._static = None  # static_graph's (graph, order, graph positions, Atoms positions) at its build
 
     def __call__(self, atoms: Atoms) -> tuple[AtomicGraph, np.ndarray]:
         """The graph of `atoms` and its atom order [n] (graph atom k is atoms[order[k]]).
 
         Raises ValueError for invalid Atoms or charge/spin, like `build_graph`.
         """
+        return self._build(atoms, keep_all_pairs=False)
+
+    def static_graph(self, atoms: Atoms) -> tuple[AtomicGraph, np.ndarray, bool]:
+        """(graph, order, new): the graph of `atoms` with a shape fixed between searches.
+
+        Between two searches this returns the same graph object, with every stored pair (those
+        beyond the cutoff contribute exactly zero: the envelope and its derivative vanish there)
+        and the same atom order; only its positions change, in place, to where the atoms were at
+        the graph's build plus their displacement since (not wrapped again, so the stored shifts
+        stay valid). `new` is True when the graph was built anew (after a search). Energies and
+        forces equal `__call__`'s up to rounding.
+        """
+        validate_atoms(atoms)
+        positions = atoms.get_positions()
+        if self._static is not None and self._search_key(atoms) == self._key and not self._moved_beyond_half_skin(positions):
+            graph, order, start, reference = self._static
+            moved = start + (positions - reference)[order]
+            graph.positions.copy_(torch.as_tensor(moved, dtype=self.dtype))
+            return graph, order, False
+        graph, order = self._build(atoms, keep_all_pairs=True)
+        start = graph.positions.detach().cpu().numpy().astype(np.float64)  # a copy: the graph's positions change in place
+        self._static = (graph, order, start, positions)
+        return graph, order, True
+
+    @staticmethod
+    def _search_key(atoms: Atoms) -> tuple:
+        """What must not change between searches: elements, cell, pbc, charge and spin."""
+        charge, spin = read_charge_spin(atoms)
+        return (atoms.numbers.tobytes(), atoms.cell.array.tobytes(), atoms.get_pbc().tobytes(), charge, spin)
+
+    def _build(self, atoms: Atoms, keep_all_pairs: bool) -> tuple[AtomicGraph, np.ndarray]:
         validate_atoms(atoms)
         charge, spin = read_charge_spin(atoms)
         positions, cell, pbc = atoms.get_positions(), atoms.cell.array, atoms.get_pbc()
@@ -265,7 +300,7 @@ class VerletGraphBuilder:
         order = _morton_order(wrapped) if self.spatial_sort else np.arange(len(atoms))
         graph_positions = wrapped[order]
         graph_positions -= graph_positions.mean(axis=0)
-        key = (atoms.numbers.tobytes(), cell.tobytes(), pbc.tobytes(), charge, spin)
+        key = self._search_key(atoms)
         if key != self._key or self._moved_beyond_half_skin(positions):
             self._search(atoms, positions, images, order, graph_positions, pbc, charge, spin)
             self._key = key
@@ -279,7 +314,7 @@ class VerletGraphBuilder:
         first, second = self._first, self._second
         shift = self._unwrapped_shift + images_t[second] - images_t[first]
         target, source = rank[first], rank[second]
-        if self.skin > 0:
+        if self.skin > 0 and not keep_all_pairs:
             vector = positions64[source] - positions64[target] + shift.double() @ self._cell64
             inside = torch.nonzero((vector * vector).sum(dim=1) < self.cutoff**2).squeeze(1)
             target, source, shift = target[inside], source[inside], shift[inside]

@@ -72,6 +72,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--skin", type=float, default=1.0, help="Verlet neighbour-list skin, Å (0: search every step)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="replay each step as a CUDA graph captured per neighbour search (CUDA, skin > 0)")
     parser.add_argument("--ensemble", default="nose-hoover", choices=("nose-hoover", "bussi", "langevin"),
                         help="production thermostat")
     parser.add_argument("--coupling-time", type=float, default=100.0, help="production thermostat time, fs")
@@ -112,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.model.lower() == "tip3p":
         rigid_tip3p_water(atoms)
     else:
-        atoms.calc = E2FormerCalculator(model=args.model, device=args.device, dtype=args.dtype, skin=args.skin)
+        atoms.calc = E2FormerCalculator(model=args.model, device=args.device, dtype=args.dtype, skin=args.skin,
+                                        cuda_graph=args.cuda_graph)
     invocation = {"started_utc": _now(), "device": _device_name(atoms.calc), "max_minutes": args.max_minutes,
-                  **_environment(argv), "stages": {}}
+                  "cuda_graph": args.cuda_graph, **_environment(argv), "stages": {}}
     record["invocations"].append(invocation)
     if not (output / "equilibration" / RESTART_NAME).exists():
         record["relaxation"] = _relax(atoms, args.relax_steps, output / "relax.log")

@@ -85,9 +85,10 @@ def transpose_neighbors(row_ptr: torch.Tensor, source_index: torch.Tensor) -> Tr
     num_edges = source_index.numel()
     target_index = target_index_from_row_ptr(row_ptr, num_edges)
     edge_of_slot = torch.argsort(source_index, stable=True)
-    counts = torch.bincount(source_index, minlength=num_nodes)
-    col_ptr = torch.zeros(num_nodes + 1, dtype=torch.int64, device=row_ptr.device)
-    col_ptr[1:] = torch.cumsum(counts, 0)
+    # searchsorted, not bincount: no host sync (bincount reads the largest index back), so that
+    # this may run inside a CUDA-graph capture.
+    nodes = torch.arange(num_nodes + 1, dtype=source_index.dtype, device=source_index.device)
+    col_ptr = torch.searchsorted(source_index[edge_of_slot], nodes)
     return TransposedNeighbors(col_ptr, edge_of_slot, target_index[edge_of_slot])
 
 

@@ -297,6 +297,7 @@ class EquivariantAttention(nn.Module):
             out = neighbor_attention(
                 query, key, per_head, edge_vector, logit_scale, logit_bias, value_weight,
                 graph.row_ptr, graph.source_index, cfg.cutoff, payload=payload, sink=cfg.sink,
+                transpose=graph.transposed if query.is_cuda and not create_graph else None,
                 use_kernel=False if create_graph else None,
             )
             A = out.shape[1]
@@ -373,6 +374,8 @@ class E2FormerV2(nn.Module):
     def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
         """[N] atomic numbers -> [N] index into config.species; ValueError for unknown elements."""
         index = self.species_index_of[atomic_numbers.clamp(0, 118)]
+        if atomic_numbers.is_cuda and torch.cuda.is_current_stream_capturing():
+            return index  # the check reads back to the host, which a CUDA-graph capture cannot; its warm-up ran it
         unknown = (index < 0) | (atomic_numbers > 118) | (atomic_numbers < 1)
         if unknown.any():
             bad = sorted(set(atomic_numbers[unknown].tolist()))

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from e2former_calc.kernels.neighbor_attention import TransposedNeighbors, transpose_neighbors
+from e2former_calc.kernels.neighbor_attention_reference import target_index_from_row_ptr
+
 
 @dataclass
 class AtomicGraph:
@@ -59,11 +62,15 @@ class AtomicGraph:
     def target_index(self) -> torch.Tensor:
         """[E] long, target atom i of each edge (expanded from row_ptr, cached)."""
         if "target_index" not in self._cache:
-            counts = self.row_ptr[1:] - self.row_ptr[:-1]
-            self._cache["target_index"] = torch.repeat_interleave(
-                torch.arange(self.num_atoms, device=counts.device), counts
-            )
+            self._cache["target_index"] = target_index_from_row_ptr(self.row_ptr, self.num_edges)
         return self._cache["target_index"]
+
+    @property
+    def transposed(self) -> TransposedNeighbors:
+        """The edges grouped by source atom, for the attention kernel's backward (built once, cached)."""
+        if "transposed" not in self._cache:
+            self._cache["transposed"] = transpose_neighbors(self.row_ptr, self.source_index)
+        return self._cache["transposed"]
 
     def edge_vectors(self, positions: torch.Tensor | None = None, cell: torch.Tensor | None = None):
         """[E, 3] r_ij = r_j - r_i + shift @ cell, for these (possibly strained) positions/cell."""

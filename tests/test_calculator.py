@@ -9,6 +9,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 
 from e2former_calc import E2FormerCalculator, save_model
 from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
+from e2former_calc.neighbors import VerletGraphBuilder
 from e2former_calc.water import build_water_box
 
 CUTOFF = 3.5
@@ -218,6 +219,7 @@ def test_stress_of_non_periodic_system_is_refused(calc):
         ({"mode": "fast"}, "mode must be one of"),
         ({"model": "e2former-v9-xl"}, r"neither a registered model name \(known: \[.*'e2former-v2-water-s'"),
         ({"model": "weights.pt"}, "pickle/zip checkpoint"),
+        ({"device": "cpu", "cuda_graph": True, "skin": 1.0}, "cuda_graph=True needs a CUDA device"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):
@@ -275,3 +277,30 @@ def test_recompute_gives_the_same_results_and_runs_blocks_twice():
         np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
     blocks = recompute.model.config.num_blocks
     assert calls == list(range(blocks)) + list(reversed(range(blocks)))  # forward, then again backwards
+
+
+def test_static_graph_matches_the_filtered_graph_between_and_across_searches():
+    """The shape-stable graph a CUDA-graph replay needs: same results, pairs beyond the cutoff kept."""
+    model = tiny_model().double()
+    filtered = VerletGraphBuilder(CUTOFF, skin=0.8, dtype=torch.float64)
+    static = VerletGraphBuilder(CUTOFF, skin=0.8, dtype=torch.float64)
+    atoms = build_water_box(27, seed=5)
+    rng = np.random.default_rng(1)
+    built = []
+    for _ in range(8):
+        atoms.positions += rng.normal(scale=0.04, size=atoms.positions.shape) + [0.05, 0.0, -0.03]
+        (graph, order), (static_graph, static_order, new) = filtered(atoms), static.static_graph(atoms)
+        built.append((new, id(static_graph)))
+        assert static_graph.num_edges > graph.num_edges
+        ours = model(static_graph, compute_stress=True)
+        reference = model(graph, compute_stress=True)
+        assert ours["energy"].item() == pytest.approx(reference["energy"].item(), rel=1e-12)
+        for name in ("forces", "stress"):
+            a, b = ours[name].detach(), reference[name].detach()
+            if name == "forces":
+                a, b = a[np.argsort(static_order)], b[np.argsort(order)]
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert static.searches == filtered.searches >= 2
+    assert [new for new, _ in built].count(True) == static.searches  # a new graph exactly per search
+    for (new, graph_id), (_, previous_id) in zip(built[1:], built):
+        assert new or graph_id == previous_id  # between searches: the same object, updated in place
