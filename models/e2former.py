@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from e2former_calc.kernels.neighbor_attention import neighbor_attention
 from e2former_calc.models.eaas import EAASTensorProduct
-from e2former_calc.models.graph import AtomicGraph
+from e2former_calc.models.graph import AtomicGraph, TargetChunk
 from e2former_calc.models.so3 import clebsch_gordan, spherical_harmonics_up_to
 
 VALUE_PATHS = ("moments", "eaas")
@@ -282,34 +282,48 @@ class EquivariantAttention(nn.Module):
         return (product.transpose(1, 2) @ self.membership).transpose(1, 2).reshape(x.shape[0], -1)
 
     def forward(self, x, graph: AtomicGraph, edge_vector, radial_basis, species_pair, positions, create_graph):
+        """[N, (L+1)^2, C] normed features -> [N, (L+1)^2, C] attention update of every atom."""
+        (everything,) = graph.target_chunks()
+        return self.chunk_update(self.node_terms(x, positions), graph, everything, edge_vector, radial_basis,
+                                 species_pair, positions, create_graph)
+
+    def node_terms(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What every target row reads: query and key [N, H, D], and the source payload [N, H, rows * C/H]."""
         cfg = self.config
         N, C, H = x.shape[0], cfg.channels, cfg.num_heads
         invariants = self.invariants(x)
         query = self.query(invariants).view(N, H, cfg.head_dim)
         key = self.key(invariants).view(N, H, cfg.head_dim)
-        logit_scale, logit_bias, value_weight = self.edge_scalars(radial_basis, species_pair)
         values = self.value(x)
+        if cfg.value_path == "eaas":
+            values = torch.cat([self.eaas(values, positions), values], dim=1)  # [N, R_T + R, C]
+        per_head = values.view(N, values.shape[1], H, C // H).permute(0, 2, 1, 3).reshape(N, H, -1)
+        return query, key, per_head
 
-        def attend(node_values: torch.Tensor, payload: str) -> torch.Tensor:
-            """[N, rows, C] -> [N, A, rows, C] attention-weighted sums over neighbours."""
-            rows = node_values.shape[1]
-            per_head = node_values.view(N, rows, H, C // H).permute(0, 2, 1, 3).reshape(N, H, -1)
-            out = neighbor_attention(
-                query, key, per_head, edge_vector, logit_scale, logit_bias, value_weight,
-                graph.row_ptr, graph.source_index, cfg.cutoff, payload=payload, sink=cfg.sink,
-                transpose=graph.transposed if query.is_cuda and not create_graph else None,
-                use_kernel=False if create_graph else None,
-            )
-            A = out.shape[1]
-            return out.view(N, A, H, rows, C // H).permute(0, 1, 3, 2, 4).reshape(N, A, rows, C)
-
+    def chunk_update(self, terms, graph: AtomicGraph, chunk: TargetChunk, edge_vector, radial_basis, species_pair,
+                     positions, create_graph) -> torch.Tensor:
+        """The attention update [n, (L+1)^2, C] of the n target atoms of `chunk`, from `node_terms`."""
+        cfg = self.config
+        query, key, per_head = terms
+        C, H = cfg.channels, cfg.num_heads
+        atoms, edges = chunk.atoms, chunk.edges
+        n, whole = atoms.stop - atoms.start, atoms.stop - atoms.start == graph.num_atoms
+        logit_scale, logit_bias, value_weight = self.edge_scalars(radial_basis[edges], species_pair[edges])
+        payload = "direction" if cfg.value_path == "moments" else "inverse_distance"
+        out = neighbor_attention(
+            query[atoms], key, per_head, edge_vector[edges], logit_scale, logit_bias, value_weight,
+            graph.chunk_row_ptr(chunk), graph.source_index[edges], cfg.cutoff, payload=payload, sink=cfg.sink,
+            transpose=graph.transposed if whole and query.is_cuda and not create_graph else None,
+            use_kernel=False if create_graph else None,
+        )  # [n, A, H, rows * C/H]
+        A, rows = out.shape[1], per_head.shape[-1] // (C // H)
+        sums = out.view(n, A, H, rows, C // H).permute(0, 1, 3, 2, 4).reshape(n, A, rows, C)
         if cfg.value_path == "moments":
-            stacked = self.contract_moments(attend(values, "direction"))  # from [N, 3, R, C] moments
+            stacked = self.contract_moments(sums)  # from [n, 3, R, C] moments
         else:
-            source_terms = self.eaas(values, positions)  # [N, R_T, C]
-            sums = attend(torch.cat([source_terms, values], dim=1), "inverse_distance")[:, 0]
-            combined = sums[:, : source_terms.shape[1]] - self.eaas(sums[:, source_terms.shape[1] :], positions)
-            path_outputs = [combined[:, rows] for rows in self.eaas.path_rows()]
+            sums, source_rows = sums[:, 0], rows - (cfg.l_max + 1) ** 2
+            combined = sums[:, :source_rows] - self.eaas(sums[:, source_rows:], positions[atoms])
+            path_outputs = [combined[:, path_rows] for path_rows in self.eaas.path_rows()]
             stacked = [
                 torch.cat([p for p, (_, l3) in zip(path_outputs, self.paths) if l3 == l], dim=-1)
                 for l in range(cfg.l_max + 1)
@@ -332,15 +346,18 @@ class DegreeEmbedding(nn.Module):
         self.source_species = nn.Embedding(len(config.species), config.num_radial)
         self.linear = DegreeWiseLinear(config.l_max, config.num_radial, config.channels, bias=False)
 
-    def forward(self, graph, edge_vector, distance, radial_basis, species_index):
+    def forward(self, graph, edge_vector, distance, radial_basis, species_index, chunks: list[TargetChunk]):
+        """[N, (L+1)^2, C], summed chunk by chunk (one chunk's [edges, (L+1)^2, R] terms at a time)."""
         cfg = self.config
-        harmonics = spherical_harmonics_up_to(cfg.l_max, edge_vector, normalize=True)  # [E, (L+1)^2]
-        radial = radial_basis * self.source_species(species_index[graph.source_index])
-        radial = radial * polynomial_envelope(distance, cfg.cutoff)[:, None]
-        edge_terms = harmonics[:, :, None] * radial[:, None, :]  # [E, (L+1)^2, num_radial]
-        summed = torch.zeros(graph.num_atoms, *edge_terms.shape[1:], dtype=edge_terms.dtype, device=edge_terms.device)
-        summed = summed.index_add(0, graph.target_index, edge_terms) / cfg.avg_num_neighbors
-        return self.linear(summed)
+        summed = radial_basis.new_zeros(graph.num_atoms, (cfg.l_max + 1) ** 2, cfg.num_radial)
+        for chunk in chunks:
+            edges = chunk.edges
+            harmonics = spherical_harmonics_up_to(cfg.l_max, edge_vector[edges], normalize=True)  # [e, (L+1)^2]
+            radial = radial_basis[edges] * self.source_species(species_index[graph.source_index[edges]])
+            radial = radial * polynomial_envelope(distance[edges], cfg.cutoff)[:, None]
+            edge_terms = harmonics[:, :, None] * radial[:, None, :]  # [e, (L+1)^2, num_radial]
+            summed = summed.index_add(0, graph.target_index[edges], edge_terms)
+        return self.linear(summed / cfg.avg_num_neighbors)
 
 
 class E2FormerV2(nn.Module):
@@ -370,6 +387,8 @@ class E2FormerV2(nn.Module):
         # Memory for time, not part of the function: when set, a backward pass (conservative forces
         # without create_graph) keeps only each block's input and recomputes the block's activations.
         self.recompute_blocks = False
+        # Without autograd, systems larger than this go through the network this many target atoms at a time.
+        self.inference_chunk_atoms = 65536
 
     def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
         """[N] atomic numbers -> [N] index into config.species; ValueError for unknown elements."""
@@ -392,7 +411,10 @@ class E2FormerV2(nn.Module):
         radial_basis = self.radial_basis(distance)
         species_pair = species[graph.target_index] * len(cfg.species) + species[graph.source_index]
 
-        x = self.degree_embedding(graph, edge_vector, distance, radial_basis, species)
+        # Without autograd (direct forces, energies only) large systems go in chunks of target atoms,
+        # so that edge-sized temporaries exist for one chunk at a time.
+        chunks = graph.target_chunks(None if torch.is_grad_enabled() else self.inference_chunk_atoms)
+        x = self.degree_embedding(graph, edge_vector, distance, radial_basis, species, chunks)
         x = torch.cat([x[:, :1] + self.species_embedding(species)[:, None, :], x[:, 1:]], dim=1)
         system = self.system_embedding(graph)
         if cfg.value_path == "eaas" and bool((graph.cell_shift != 0).any()):
@@ -404,17 +426,28 @@ class E2FormerV2(nn.Module):
             positions = positions - centre[graph.system_index]
         recompute = self.recompute_blocks and torch.is_grad_enabled() and not create_graph
         for index in range(cfg.num_blocks):
-            arguments = (index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph)
+            arguments = (index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks)
             x = checkpoint(self.block, *arguments, use_reentrant=False) if recompute else self.block(*arguments)
         return self.final_norm(x), species
 
-    def block(self, index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph):
-        """Transformer block `index`: x + Attention(Norm(x)), then + GatedFFN(Norm(.)); [N, (L+1)^2, C]."""
+    def block(self, index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks):
+        """Transformer block `index`: x + Attention(Norm(x)), then + GatedFFN(Norm(.)); [N, (L+1)^2, C].
+
+        With several target `chunks` (no autograd) both updates are made in place, chunk by chunk.
+        """
         h = self.attention_norms[index](x)
         if system is not None:
             h = torch.cat([h[:, :1] + system[graph.system_index, None, :], h[:, 1:]], dim=1)
-        x = x + self.attentions[index](h, graph, edge_vector, radial_basis, species_pair, positions, create_graph)
-        return x + self.ffns[index](self.ffn_norms[index](x))
+        attention, ffn, ffn_norm = self.attentions[index], self.ffns[index], self.ffn_norms[index]
+        if len(chunks) == 1:
+            x = x + attention(h, graph, edge_vector, radial_basis, species_pair, positions, create_graph)
+            return x + ffn(ffn_norm(x))
+        terms = attention.node_terms(h, positions)
+        for chunk in chunks:
+            x[chunk.atoms] += attention.chunk_update(terms, graph, chunk, edge_vector, radial_basis, species_pair, positions, False)
+        for chunk in chunks:
+            x[chunk.atoms] += ffn(ffn_norm(x[chunk.atoms]))
+        return x
 
     def system_embedding(self, graph: AtomicGraph):
         """[B, C] embedding of total charge and spin multiplicity, or None if the model has none."""

@@ -20,6 +20,14 @@ from e2former_calc.kernels.neighbor_attention import TransposedNeighbors, transp
 from e2former_calc.kernels.neighbor_attention_reference import target_index_from_row_ptr
 
 
+@dataclass(frozen=True)
+class TargetChunk:
+    """Consecutive target atoms and their edges, which the target-sorted CSR keeps contiguous."""
+
+    atoms: slice
+    edges: slice
+
+
 @dataclass
 class AtomicGraph:
     """Atoms and neighbours of B systems packed together (N atoms, E directed edges).
@@ -64,6 +72,24 @@ class AtomicGraph:
         if "target_index" not in self._cache:
             self._cache["target_index"] = target_index_from_row_ptr(self.row_ptr, self.num_edges)
         return self._cache["target_index"]
+
+    def target_chunks(self, max_atoms: int | None = None) -> list[TargetChunk]:
+        """The target atoms in chunks of at most `max_atoms`, each with its edges.
+
+        One chunk of everything when `max_atoms` is None or not below N (no host sync then);
+        otherwise the chunk boundaries are read back from row_ptr.
+        """
+        if max_atoms is None or max_atoms >= self.num_atoms:
+            return [TargetChunk(slice(0, self.num_atoms), slice(0, self.num_edges))]
+        starts = list(range(0, self.num_atoms, max_atoms)) + [self.num_atoms]
+        offsets = self.row_ptr[starts].tolist()
+        return [TargetChunk(slice(a, b), slice(ea, eb)) for a, b, ea, eb in zip(starts, starts[1:], offsets, offsets[1:])]
+
+    def chunk_row_ptr(self, chunk: TargetChunk) -> torch.Tensor:
+        """[atoms + 1] CSR offsets of `chunk`'s atoms into `chunk`'s edges."""
+        if chunk.atoms.start == 0 and chunk.atoms.stop == self.num_atoms:
+            return self.row_ptr
+        return self.row_ptr[chunk.atoms.start : chunk.atoms.stop + 1] - chunk.edges.start
 
     @property
     def transposed(self) -> TransposedNeighbors:

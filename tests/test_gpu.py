@@ -156,3 +156,21 @@ def test_cuda_graph_calculator_matches_eager_along_a_trajectory(mode):
             np.testing.assert_allclose(ours, reference, rtol=1e-9, atol=1e-9)
     assert graphed.graph_builder.searches >= 2
     assert graphed.captured.captures == graphed.graph_builder.searches
+
+
+def test_model_inference_in_target_chunks_matches_one_pass_on_cuda():
+    pytest.importorskip("ase")
+    pytest.importorskip("vesin")
+    from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
+    from e2former_calc.neighbors import build_graph
+    from e2former_calc.water import build_water_box
+
+    torch.manual_seed(0)
+    model = E2FormerV2(E2FormerConfig(species=(1, 8), channels=32, num_blocks=2, num_heads=8, cutoff=4.5)).double().cuda()
+    graph = build_graph([build_water_box(16)], 4.5, dtype=torch.float64, device="cuda")
+    with torch.no_grad():
+        whole = model(graph, mode="direct")
+        model.inference_chunk_atoms = 10
+        chunked = model(graph, mode="direct")
+    for name in ("energy", "forces"):
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-10, atol=1e-10)
