@@ -59,8 +59,9 @@ class E2FormerCalculator(Calculator):
             cutoff + skin until some atom has moved more than skin / 2 (same results, fewer
             searches in MD). 0 searches on every call. `calculate_batch` always searches.
     recompute: conservative mode keeps only each block's input for the force pass and recomputes
-            the block's activations there (the same results; less GPU memory for the largest
-            systems, at the cost of a second forward pass through the blocks).
+            the block's activations there, chunk of atoms by chunk for systems above
+            `model.chunk_atoms` (the same results; less GPU memory for the largest systems, at
+            the cost of a second forward pass through the blocks).
     cuda_graph: on CUDA with skin > 0, capture the evaluation as a CUDA graph at each neighbour
             search and replay it at the calls until the next one (`e2former_calc.cuda_graph`):
             for small systems, whose steps are bound by kernel launches. Between searches the

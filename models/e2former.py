@@ -387,8 +387,9 @@ class E2FormerV2(nn.Module):
         # Memory for time, not part of the function: when set, a backward pass (conservative forces
         # without create_graph) keeps only each block's input and recomputes the block's activations.
         self.recompute_blocks = False
-        # Without autograd, systems larger than this go through the network this many target atoms at a time.
-        self.inference_chunk_atoms = 65536
+        # Systems larger than this go through the network this many target atoms at a time, without
+        # autograd or with recompute_blocks.
+        self.chunk_atoms = 65536
 
     def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
         """[N] atomic numbers -> [N] index into config.species; ValueError for unknown elements."""
@@ -411,9 +412,11 @@ class E2FormerV2(nn.Module):
         radial_basis = self.radial_basis(distance)
         species_pair = species[graph.target_index] * len(cfg.species) + species[graph.source_index]
 
-        # Without autograd (direct forces, energies only) large systems go in chunks of target atoms,
-        # so that edge-sized temporaries exist for one chunk at a time.
-        chunks = graph.target_chunks(None if torch.is_grad_enabled() else self.inference_chunk_atoms)
+        # Large systems go through the network in chunks of target atoms, so that edge-sized
+        # temporaries exist for one chunk at a time: without autograd (direct forces, energies), and
+        # with recomputation, where the force pass recomputes each chunk's update on its own.
+        recompute = self.recompute_blocks and torch.is_grad_enabled() and not create_graph
+        chunks = graph.target_chunks(self.chunk_atoms if recompute or not torch.is_grad_enabled() else None)
         x = self.degree_embedding(graph, edge_vector, distance, radial_basis, species, chunks)
         x = torch.cat([x[:, :1] + self.species_embedding(species)[:, None, :], x[:, 1:]], dim=1)
         system = self.system_embedding(graph)
@@ -424,7 +427,6 @@ class E2FormerV2(nn.Module):
             counts = torch.bincount(graph.system_index, minlength=graph.num_systems).clamp(min=1)
             centre = torch.zeros_like(graph.cell[:, 0]).index_add(0, graph.system_index, positions) / counts[:, None]
             positions = positions - centre[graph.system_index]
-        recompute = self.recompute_blocks and torch.is_grad_enabled() and not create_graph
         for index in range(cfg.num_blocks):
             arguments = (index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks)
             x = checkpoint(self.block, *arguments, use_reentrant=False) if recompute else self.block(*arguments)
@@ -433,7 +435,8 @@ class E2FormerV2(nn.Module):
     def block(self, index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks):
         """Transformer block `index`: x + Attention(Norm(x)), then + GatedFFN(Norm(.)); [N, (L+1)^2, C].
 
-        With several target `chunks` (no autograd) both updates are made in place, chunk by chunk.
+        With several target `chunks` the updates go chunk by chunk: in place without autograd, each
+        chunk's recomputed in the backward pass with it (recompute_blocks).
         """
         h = self.attention_norms[index](x)
         if system is not None:
@@ -443,11 +446,17 @@ class E2FormerV2(nn.Module):
             x = x + attention(h, graph, edge_vector, radial_basis, species_pair, positions, create_graph)
             return x + ffn(ffn_norm(x))
         terms = attention.node_terms(h, positions)
-        for chunk in chunks:
-            x[chunk.atoms] += attention.chunk_update(terms, graph, chunk, edge_vector, radial_basis, species_pair, positions, False)
-        for chunk in chunks:
-            x[chunk.atoms] += ffn(ffn_norm(x[chunk.atoms]))
-        return x
+        edges = (edge_vector, radial_basis, species_pair, positions, False)
+        if not torch.is_grad_enabled():
+            for chunk in chunks:
+                x[chunk.atoms] += attention.chunk_update(terms, graph, chunk, *edges)
+            for chunk in chunks:
+                x[chunk.atoms] += ffn(ffn_norm(x[chunk.atoms]))
+            return x
+        x = x + torch.cat([checkpoint(attention.chunk_update, terms, graph, chunk, *edges, use_reentrant=False)
+                           for chunk in chunks])
+        return x + torch.cat([checkpoint(lambda rows: ffn(ffn_norm(rows)), x[chunk.atoms], use_reentrant=False)
+                              for chunk in chunks])
 
     def system_embedding(self, graph: AtomicGraph):
         """[B, C] embedding of total charge and spin multiplicity, or None if the model has none."""

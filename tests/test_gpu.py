@@ -170,7 +170,7 @@ def test_model_inference_in_target_chunks_matches_one_pass_on_cuda():
     graph = build_graph([build_water_box(16)], 4.5, dtype=torch.float64, device="cuda")
     with torch.no_grad():
         whole = model(graph, mode="direct")
-        model.inference_chunk_atoms = 10
+        model.chunk_atoms = 10
         chunked = model(graph, mode="direct")
     for name in ("energy", "forces"):
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-10, atol=1e-10)

@@ -215,8 +215,8 @@ def test_inference_in_target_chunks_matches_one_pass(value_path):
     graph = build_graph(atoms_list, model.config.cutoff, dtype=torch.float64)
     with torch.no_grad():
         whole = model(graph, mode="direct")
-        model.inference_chunk_atoms = 4  # ragged: N is not a multiple of it
-        assert len(graph.target_chunks(model.inference_chunk_atoms)) > 3
+        model.chunk_atoms = 4  # ragged: N is not a multiple of it
+        assert len(graph.target_chunks(model.chunk_atoms)) > 3
         chunked = model(graph, mode="direct")
     for name in ("energy", "energies", "forces"):
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-12, atol=1e-12)
@@ -226,3 +226,19 @@ def test_inference_in_target_chunks_matches_one_pass(value_path):
         offsets = graph.chunk_row_ptr(chunk)
         assert offsets[0] == 0 and offsets[-1] == chunk.edges.stop - chunk.edges.start
         assert torch.equal(offsets.diff(), graph.row_ptr[chunk.atoms.start : chunk.atoms.stop + 1].diff())
+
+
+def test_recomputed_force_pass_in_target_chunks_matches_plain_autograd():
+    model = make_model()
+    atoms = build_water_box(8, seed=1)
+    graph = build_graph([atoms], model.config.cutoff, dtype=torch.float64)
+    plain = model(graph, compute_stress=True)
+    model.recompute_blocks, model.chunk_atoms = True, 5
+    calls = []
+    update = model.attentions[0].chunk_update
+    model.attentions[0].chunk_update = lambda *args: calls.append(1) or update(*args)
+    recomputed = model(graph, compute_stress=True)
+    for name in ("energy", "forces", "stress"):
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-11, atol=1e-12)
+    chunks = len(graph.target_chunks(5))
+    assert chunks > 3 and len(calls) > chunks  # every chunk once forward, again in the force pass
