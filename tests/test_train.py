@@ -11,11 +11,9 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from ase.build import molecule
-from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from safetensors.torch import load_file
 
+from emt_water import water_cluster
 from e2former_calc.checkpoint import load_model
 from e2former_calc.dataset import element_counts, fit_reference_energies, frame_id, frame_labels, load_frames, split_frames
 from e2former_calc.cli import main as cli_main
@@ -33,20 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def water_cluster(n_waters: int, rng: np.random.Generator):
-    """n_waters randomly rotated, slightly distorted waters about 2.9 Å apart, labelled with EMT."""
-    atoms = molecule("H2O")[:0]
-    for k in range(n_waters):
-        water = molecule("H2O")
-        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
-        water.positions += rng.normal(scale=0.05, size=(3, 3)) + [2.9 * k, rng.normal(scale=0.3), 0]
-        atoms += water
-    atoms.calc = EMT()
-    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
-    return atoms
 
 
 @pytest.fixture(scope="module")

@@ -12,31 +12,15 @@ import ase.io
 import numpy as np
 import pytest
 import yaml
-from ase.build import molecule
-from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from benchmarks.train_sweep import load_sweep, main
+from emt_water import water_cluster
 from e2former_calc.train import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.overrides.channels=8", "model.overrides.num_blocks=1", "model.overrides.num_heads=2",
               "model.overrides.head_dim=4", "model.overrides.cutoff=4.0", "model.overrides.num_radial=6",
               "model.overrides.edge_hidden=8", "model.overrides.avg_num_neighbors=4.0"]
-
-
-def water_cluster(n_waters: int, rng: np.random.Generator):
-    """n_waters randomly rotated, slightly distorted waters about 2.9 Å apart, labelled with EMT."""
-    atoms = molecule("H2O")[:0]
-    for k in range(n_waters):
-        water = molecule("H2O")
-        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
-        water.positions += rng.normal(scale=0.05, size=(3, 3)) + [2.9 * k, rng.normal(scale=0.3), 0]
-        atoms += water
-    atoms.calc = EMT()
-    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
-    return atoms
 
 
 @pytest.fixture(scope="module")
