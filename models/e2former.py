@@ -516,7 +516,8 @@ class E2FormerV2(nn.Module):
                 if compute_forces:
                     result["forces"] = -grads[0]
                 if compute_stress:
-                    volume = torch.linalg.det(graph.cell).abs()
+                    cell_rows = graph.cell.unbind(1)  # triple product: no LAPACK call (CUDA-graph capture)
+                    volume = (cell_rows[0] * torch.linalg.cross(cell_rows[1], cell_rows[2])).sum(-1).abs()
                     result["stress"] = grads[1] / volume[:, None, None]
             elif compute_forces:
                 result["forces"] = self.force_head(features[:, 1:4]).squeeze(-1)
