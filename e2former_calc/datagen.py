@@ -271,6 +271,18 @@ def all_labelled(out_dir: Path) -> list[Atoms]:
     return sorted(by_id.values(), key=lambda frame: frame.info["plan_index"])
 
 
+def active_learning_rounds(frames) -> str:
+    """One line per active-learning round of `frames`: count, cluster sizes, MD temperatures."""
+    rounds = sorted({frame.info["al_round"] for frame in frames if frame.info["source"] == "active-learning"})
+    lines = []
+    for number in rounds:
+        chosen = [f for f in frames if f.info["source"] == "active-learning" and f.info["al_round"] == number]
+        sizes = sorted({f.info["n_waters"] for f in chosen})
+        kelvin = ", ".join(f"{t:g}" for t in sorted({f.info["temperature_K"] for f in chosen}))
+        lines.append(f"- round {number}: {len(chosen)} clusters of {sizes[0]}–{sizes[-1]} waters, from MD at {kelvin} K")
+    return "\n".join(lines) or "- none yet"
+
+
 def data_card(out_dir: Path) -> str:
     """Markdown data card: level of theory, sampling, counts per cluster size, provenance, licence."""
     from e2former_calc import dft
@@ -282,7 +294,8 @@ def data_card(out_dir: Path) -> str:
     sources = Counter(frame.info["source"] for frame in frames)
     hours = sum(frame.info["wall_seconds"] for frame in frames) / 3600
     large = sum(count for n, count in sizes.items() if n >= 8)
-    temperatures = ", ".join(f"{t:g}" for t in sorted({frame.info["temperature_K"] for frame in frames})) or "–"
+    classical = [frame for frame in frames if frame.info["source"] != "active-learning"]
+    temperatures = ", ".join(f"{t:g}" for t in sorted({frame.info["temperature_K"] for frame in classical})) or "–"
     rows = []
     for n in sorted(sizes):
         medians = []
@@ -319,6 +332,11 @@ an O–O distance of {DIMER_OO_RANGE[0]}–{DIMER_OO_RANGE[1]} Å), and monomers
 {MONOMER_BOND_RANGE[0]}–{MONOMER_BOND_RANGE[1]} Å and H–O–H angles {MONOMER_ANGLE_RANGE[0]:g}–{MONOMER_ANGLE_RANGE[1]:g}°.
 The plan (`plan.extxyz`) orders frames so that any prefix is a balanced training set (cheap small
 clusters first, larger ones interleaved); labelling proceeds through it in order.
+
+Active learning (`e2former_calc.active_learning`, plans `al_roundN.extxyz`): liquid-water MD driven by a
+trained model, clusters carved from its frames as above, scored by the largest per-atom disagreement of a
+committee of trained models on the forces; the most disputed are labelled.
+{active_learning_rounds(frames)}
 
 ## Counts
 {len(frames)} labelled frames ({in_chunks} merged into chunks), {large} with 8 or more waters
