@@ -126,8 +126,9 @@ class E2FormerCalculator(Calculator):
             graph, order, _ = self.graph_builder.static_graph(self.atoms)
         else:
             graph, order = self.graph_builder(self.atoms)
+        evaluate = self.captured if self.captured is not None else self.model
         (self.results,) = self._run_model(
-            graph, [order], compute_forces=True, compute_stress=stress_possible, captured=self.captured is not None
+            graph, [order], compute_forces=True, compute_stress=stress_possible, evaluate=evaluate
         )
 
     def calculate_batch(
@@ -151,15 +152,15 @@ class E2FormerCalculator(Calculator):
             self._check_inputs(atoms)
         orders = [spatial_order(atoms) if self.spatial_sort else np.arange(len(atoms)) for atoms in atoms_list]
         graph = build_graph(atoms_list, self.config.cutoff, self.dtype, self.device, atom_order=orders)
-        return self._run_model(graph, orders, compute_forces="forces" in properties, compute_stress="stress" in properties)
+        return self._run_model(graph, orders, compute_forces="forces" in properties,
+                               compute_stress="stress" in properties, evaluate=self.model)
 
     def _run_model(
-        self, graph: AtomicGraph, orders: Sequence[np.ndarray], compute_forces: bool, compute_stress: bool,
-        captured: bool = False,
+        self, graph: AtomicGraph, orders: Sequence[np.ndarray], compute_forces: bool, compute_stress: bool, evaluate
     ) -> list[dict]:
-        """Results dicts of the systems packed in `graph` (system b's atom k is atoms[orders[b][k]])."""
+        """Results dicts of the systems packed in `graph` (system b's atom k is atoms[orders[b][k]]),
+        evaluated by `evaluate` (the model, or its CapturedModel)."""
         needs_autograd = self.mode == "conservative" and (compute_forces or compute_stress)
-        evaluate = self.captured if captured else self.model
         with torch.set_grad_enabled(needs_autograd):
             output = evaluate(graph, compute_forces=compute_forces, compute_stress=compute_stress, mode=self.mode)
         output = _to_numpy(output)

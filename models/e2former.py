@@ -446,14 +446,14 @@ class E2FormerV2(nn.Module):
             x = x + attention(h, graph, edge_vector, radial_basis, species_pair, positions, create_graph)
             return x + ffn(ffn_norm(x))
         terms = attention.node_terms(h, positions)
-        edges = (edge_vector, radial_basis, species_pair, positions, False)
+        inputs = (edge_vector, radial_basis, species_pair, positions, create_graph)
         if not torch.is_grad_enabled():
             for chunk in chunks:
-                x[chunk.atoms] += attention.chunk_update(terms, graph, chunk, *edges)
+                x[chunk.atoms] += attention.chunk_update(terms, graph, chunk, *inputs)
             for chunk in chunks:
                 x[chunk.atoms] += ffn(ffn_norm(x[chunk.atoms]))
             return x
-        x = x + torch.cat([checkpoint(attention.chunk_update, terms, graph, chunk, *edges, use_reentrant=False)
+        x = x + torch.cat([checkpoint(attention.chunk_update, terms, graph, chunk, *inputs, use_reentrant=False)
                            for chunk in chunks])
         return x + torch.cat([checkpoint(lambda rows: ffn(ffn_norm(rows)), x[chunk.atoms], use_reentrant=False)
                               for chunk in chunks])
