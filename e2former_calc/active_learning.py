@@ -3,6 +3,8 @@
     python -m e2former_calc.active_learning select TRAJ [TRAJ ...] --committee MODEL MODEL [MODEL ...]
         --out data/water/al_round1.extxyz [--round 1] [--n-select 40] [--candidates-per-frame 8]
         [--min-waters 4] [--max-waters 8] [--skip 5] [--seed 0]
+    python -m e2former_calc.active_learning defects TRAJ --temperature 300 --first-step S
+        [--last-step S]        --out data/water/al_round3_defects.extxyz [--round 3] [--sizes 6 8]
 
 The round, top to bottom:
 
@@ -14,6 +16,11 @@ The round, top to bottom:
               the predicted force vector across the committee, sqrt(sum_xyz var_k F_k), in eV/Å
     select:   the n_select highest scores, at most --per-frame from one trajectory frame
     label:    `python -m e2former_calc.datagen label OUT --out-dir data/water` (the output is a plan)
+
+A run that failed (a water dissociated, then the model's forces blew up: the model met what it was
+never shown) gives a second kind of selection, `defects`: clusters of each size in --sizes centred
+on every broken water (an intramolecular O–H longer than MAX_OH_BOND) of the frames at or after
+--first-step (to --last-step), with `source` = "md-failure", so the labels teach the model what a proton transfer costs.
 
 Committee members may differ in force mode: each predicts in the mode its checkpoint was selected in
 (`metrics.force_mode` of the training export), else conservative. Each selected frame records
@@ -71,6 +78,35 @@ def carve_candidates(snapshots: list[Atoms], per_frame: int, min_waters: int, ma
                 cluster.info.update(trajectory=snapshot.info["trajectory"], md_step=snapshot.info["md_step"])
                 candidates.append(cluster)
     return candidates
+
+
+def broken_waters(snapshot: Atoms) -> list[int]:
+    """Molecule indices of the (O, H, H)-ordered `snapshot` whose O–H bonds (minimum image) are not all
+    shorter than MAX_OH_BOND."""
+    molecules = sampling.whole_molecules(snapshot, 0)
+    bonds = np.linalg.norm(molecules[:, 1:] - molecules[:, :1], axis=-1)
+    return [int(index) for index in np.flatnonzero((bonds >= MAX_OH_BOND).any(axis=-1))]
+
+
+def defect_clusters(snapshots: list[Atoms], sizes: list[int]) -> list[Atoms]:
+    """Clusters of each size in `sizes` centred on every broken water of each snapshot."""
+    clusters = []
+    for snapshot in snapshots:
+        for centre in broken_waters(snapshot):
+            for n_waters in sizes:
+                cluster = sampling.carve_cluster(snapshot, centre, n_waters)
+                cluster.info.update(trajectory=snapshot.info["trajectory"], md_step=snapshot.info["md_step"])
+                clusters.append(cluster)
+    return clusters
+
+
+def write_plan(clusters: list[Atoms], source: str, round_index: int, path: Path) -> None:
+    """Number the clusters as plan frames of active-learning round `round_index` and write them."""
+    for offset, cluster in enumerate(clusters):
+        cluster.info.update(source=source, al_round=round_index,
+                            plan_index=PLAN_INDEX_STRIDE * round_index + offset, config_id=config_id(cluster))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ase.io.write(path, clusters, format="extxyz")
 
 
 def predicted_forces(model, frames: list[Atoms], mode: str, batch_size: int = 32) -> list[np.ndarray]:
@@ -137,7 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     select.add_argument("--skip", type=int, default=5, help="trajectory frames to drop at the start")
     select.add_argument("--seed", type=int, default=0)
     select.add_argument("--device", default="cpu")
+    defects = commands.add_parser("defects", help="clusters around the broken waters of a failed run, as a plan")
+    defects.add_argument("trajectory", type=Path, help="MD trajectory (extxyz) of periodic water")
+    defects.add_argument("--temperature", type=float, required=True, help="K")
+    defects.add_argument("--first-step", type=int, default=0, help="MD step of the first frame to look at")
+    defects.add_argument("--last-step", type=int, default=None, help="MD step of the last frame (default: the end)")
+    defects.add_argument("--sizes", type=int, nargs="+", default=[6, 8], help="waters per cluster")
+    defects.add_argument("--out", type=Path, required=True)
+    defects.add_argument("--round", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.command == "defects":
+        return select_defects(args)
 
     if len(args.temperatures) != len(args.trajectories):
         parser.error("give one --temperatures value per trajectory")
@@ -150,13 +196,24 @@ def main(argv: list[str] | None = None) -> int:
         candidates += carve_candidates(snapshots, args.candidates_per_frame, args.min_waters, args.max_waters, rng)
     scores = committee_disagreement(load_committee(args.committee, args.device), candidates)
     chosen = select_disputed(candidates, scores, args.n_select, args.per_frame)
-    for offset, cluster in enumerate(chosen):
-        cluster.info.update(source="active-learning", al_round=args.round,
-                            plan_index=PLAN_INDEX_STRIDE * args.round + offset, config_id=config_id(cluster))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(args.out, chosen, format="extxyz")
+    write_plan(chosen, "active-learning", args.round, args.out)
     print(f"{len(candidates)} candidates, disagreement median {np.median(scores):.3f} eV/Å, max {scores.max():.3f}; "
           f"wrote the {len(chosen)} most disputed (>= {chosen[-1].info['committee_disagreement']:.3f} eV/Å) to {args.out}")
+    return 0
+
+
+def select_defects(args: argparse.Namespace) -> int:
+    """The `defects` command: every frame from --first-step on, clusters around its broken waters."""
+    # Offset the seed past the committee selection's trajectories, so frames of the two kinds never share a group.
+    snapshots = trajectory_snapshots(args.trajectory, args.temperature, PLAN_INDEX_STRIDE * args.round + PLAN_INDEX_STRIDE // 2, 0)
+    last = float("inf") if args.last_step is None else args.last_step
+    snapshots = [snapshot for snapshot in snapshots if args.first_step <= snapshot.info["md_step"] <= last]
+    clusters = defect_clusters(snapshots, args.sizes)
+    if not clusters:
+        print(f"no broken water in the {len(snapshots)} frames from step {args.first_step} of {args.trajectory}")
+        return 1
+    write_plan(clusters, "md-failure", args.round, args.out)
+    print(f"{len(clusters)} clusters around broken waters of {len(snapshots)} frames written to {args.out}")
     return 0
 
 

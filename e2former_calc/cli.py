@@ -189,6 +189,8 @@ def _add_rdf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, required=True, help="output directory")
     parser.add_argument("--skip", type=int, default=0, help="frames to drop at the start")
     parser.add_argument("--stride", type=int, default=1, help="use every STRIDE-th frame")
+    parser.add_argument("--count", type=int, default=None,
+                        help="use at most COUNT frames after --skip (a time window; default: all)")
     parser.add_argument("--pair", nargs=2, default=("O", "O"), metavar=("A", "B"))
     parser.add_argument("--rmax", type=float,
                         help="Å; default and upper limit: half the shortest cell height")
@@ -213,7 +215,8 @@ def _run_rdf(arguments: argparse.Namespace) -> int:
     experiment = None if arguments.experiment == "none" else arguments.experiment
     if experiment is not None and pair != ("O", "O"):
         raise SystemExit("e2former rdf: the experimental tables are O-O; use --experiment none")
-    frames = iread(arguments.trajectory, index=f"{arguments.skip}::{arguments.stride}")
+    stop = "" if arguments.count is None else arguments.skip + arguments.count * arguments.stride
+    frames = iread(arguments.trajectory, index=f"{arguments.skip}:{stop}:{arguments.stride}")
     result = compute_rdf(frames, pair=pair, rmax=arguments.rmax, bin_width=arguments.bin_width)
     output = arguments.output
     output.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,6 @@ class CapturedModel:
         self._graph = None  # the AtomicGraph captured (held, so that `is` cannot match a new object)
         self._options = None
         self._cuda_graph = None
-        self._pool = None
         self._outputs = None
 
     def __call__(self, graph: AtomicGraph, **options) -> dict[str, torch.Tensor]:
@@ -46,18 +45,16 @@ class CapturedModel:
         return self._capture(graph, options)
 
     def _capture(self, graph: AtomicGraph, options: dict) -> dict[str, torch.Tensor]:
-        if self._cuda_graph is None:
-            self._pool = torch.cuda.graph_pool_handle()  # one memory pool, reused by every capture
-        else:
-            self._outputs = None
-            self._cuda_graph.reset()
+        # Release the previous capture and its private memory pool first (a reset graph's pool
+        # cannot be handed to a new capture: the caching allocator asserts).
+        self._graph = self._outputs = self._cuda_graph = None
         side = torch.cuda.Stream(graph.positions.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             eager = self.model(graph, **options)
         torch.cuda.current_stream().wait_stream(side)
         self._cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._cuda_graph, pool=self._pool):
+        with torch.cuda.graph(self._cuda_graph):
             self._outputs = self.model(graph, **options)
         self._graph, self._options = graph, dict(options)
         self.captures += 1

@@ -85,3 +85,21 @@ def test_select_command_writes_a_labelable_plan(trajectory, tmp_path):
     assert all(f.info["md_step"] in (100, 200) for f in plan)  # --skip 1 dropped frame 0
     # datagen's selection (what `label` runs on) accepts the plan as it is.
     assert len(datagen.select_frames(plan, "small-first")) == 4
+
+
+def test_defects_command_centres_clusters_on_the_broken_waters(trajectory, tmp_path):
+    frames = ase.io.read(trajectory, index=":")
+    assert [active_learning.broken_waters(frame) for frame in frames] == [[], [], [0]]
+    out = tmp_path / "defects.extxyz"
+    assert active_learning.main(["defects", str(trajectory), "--temperature", "300", "--first-step", "100",
+                                 "--sizes", "3", "5", "--out", str(out), "--round", "3"]) == 0
+    plan = ase.io.read(out, index=":")
+    assert [len(f) // 3 for f in plan] == [3, 5]
+    assert all(f.info["source"] == "md-failure" and f.info["md_step"] == 200 and f.info["centre"] == 0 for f in plan)
+    assert [f.info["plan_index"] for f in plan] == [300000, 300001]
+    stretched = np.linalg.norm(plan[0].positions[1] - plan[0].positions[0])  # the centre comes first, its O at the origin
+    assert stretched > active_learning.MAX_OH_BOND
+    assert len(datagen.select_frames(plan, "small-first")) == 2
+    # A window without a broken water writes nothing and says so.
+    assert active_learning.main(["defects", str(trajectory), "--temperature", "300", "--last-step", "100",
+                                 "--out", str(tmp_path / "none.extxyz")]) == 1

@@ -47,6 +47,11 @@ def test_md_then_rdf_with_tip3p(tmp_path, capsys):
     assert table.shape[1] == 2 and np.all(table[:, 1] >= 0)
     assert (rdf_dir / "rdf.png").read_bytes()[:4] == b"\x89PNG"
 
+    # A time window: 3 frames from the second, every other one.
+    assert cli.main(["rdf", str(run_dir / "trajectory.extxyz"), "--output", str(tmp_path / "window"),
+                     "--skip", "1", "--stride", "2", "--count", "3", "--bin-width", "0.1"]) == 0
+    assert json.loads((tmp_path / "window" / "rdf_metrics.json").read_text())["n_frames"] == 3
+
 
 def test_md_watchdog_failure_gives_exit_status_2(tmp_path, capsys):
     arguments = md_arguments(tmp_path, 4) + ["--max-temperature", "50"]

@@ -129,8 +129,20 @@ def test_model_on_cuda_with_kernel_matches_cpu_reference(dtype):
         assert error < tolerance, f"{name}: relative error {error:.2e}"
 
 
+def shipped_model_with_zbl():
+    """The shipped water weights under a ZBL repulsion (the network unchanged)."""
+    from e2former_calc.checkpoint import load_model
+    from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
+
+    shipped = load_model("e2former-v2-water-s", "cpu", torch.float64)
+    model = E2FormerV2(E2FormerConfig.from_dict({**shipped.config.to_dict(), "zbl": True}))
+    model.load_state_dict(shipped.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("zbl", [False, True])
 @pytest.mark.parametrize("mode", ["conservative", "direct"])
-def test_cuda_graph_calculator_matches_eager_along_a_trajectory(mode):
+def test_cuda_graph_calculator_matches_eager_along_a_trajectory(mode, zbl):
     """Captures at each neighbour search, replays in between: same energies, forces and stress."""
     pytest.importorskip("ase")
     pytest.importorskip("vesin")
@@ -139,9 +151,13 @@ def test_cuda_graph_calculator_matches_eager_along_a_trajectory(mode):
     from e2former_calc import E2FormerCalculator
     from e2former_calc.water import build_water_box
 
-    eager = E2FormerCalculator(device="cuda", dtype="float64", mode=mode, skin=0.6)
-    graphed = E2FormerCalculator(device="cuda", dtype="float64", mode=mode, skin=0.6, cuda_graph=True)
-    atoms = build_water_box(32, seed=3)
+    model = shipped_model_with_zbl() if zbl else "e2former-v2-water-s"
+    eager = E2FormerCalculator(model, device="cuda", dtype="float64", mode=mode, skin=0.6)
+    graphed = E2FormerCalculator(model, device="cuda", dtype="float64", mode=mode, skin=0.6, cuda_graph=True)
+    atoms = build_water_box(27, seed=3)
+    if zbl:  # one hydrogen pushed to 0.75 Å from its oxygen, inside the repulsion's range
+        bond = atoms.positions[1] - atoms.positions[0]
+        atoms.positions[1] = atoms.positions[0] + 0.75 * bond / np.linalg.norm(bond)
     rng = np.random.default_rng(0)
     for _ in range(12):
         atoms.positions += rng.normal(scale=0.03, size=atoms.positions.shape) + [0.04, 0.0, -0.02]

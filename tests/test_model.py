@@ -192,6 +192,45 @@ def test_direct_force_head_is_equivariant_and_stress_needs_conservative():
         evaluate(model, [build_water_box(8)], mode="direct", compute_stress=True)
 
 
+def zbl_pair_energy(z1, z2, r, cutoff):
+    """The ZBL universal repulsion times the polynomial envelope, written out from the formula (eV)."""
+    a = 0.8854 * 0.529177210903 / (z1**0.23 + z2**0.23)
+    x = r / a
+    phi = 0.18175 * np.exp(-3.1998 * x) + 0.50986 * np.exp(-0.94229 * x) + 0.28022 * np.exp(-0.4029 * x) \
+        + 0.02817 * np.exp(-0.20162 * x)
+    u = min(r / cutoff, 1.0)
+    return 14.399645 * z1 * z2 / r * phi * (1 - 10 * u**3 + 15 * u**4 - 6 * u**5)
+
+
+def test_zbl_repulsion_adds_the_screened_coulomb_pair_energy_below_the_covalent_radii():
+    plain, repulsive = make_model(), make_model(zbl=True)
+    for r in (0.3, 0.6, 0.9, 0.96, 0.97, 1.2):  # zero from r_c = 0.97 Å on
+        dimer = Atoms("OH", positions=[[0, 0, 0], [r, 0, 0]])
+        difference = evaluate(repulsive, [dimer])["energy"].item() - evaluate(plain, [dimer])["energy"].item()
+        expected = zbl_pair_energy(8, 1, r, 0.66 + 0.31)  # Cordero covalent radii of O and H
+        assert difference == pytest.approx(expected, rel=1e-10, abs=1e-12)
+    assert zbl_pair_energy(8, 1, 0.6, 0.97) > 5  # ~200 kT at 300 K: a wall no thermal hydrogen climbs
+
+
+@pytest.mark.parametrize("mode", ["conservative", "direct"])
+def test_zbl_forces_are_minus_its_gradient_in_both_modes(mode):
+    plain, repulsive = make_model(), make_model(zbl=True)
+    atoms = ethanol_water()
+    atoms.positions[-1] = atoms.positions[-3] + [0.55, 0.2, 0.1]  # a hydrogen squeezed onto the water's oxygen
+    extra = (evaluate(repulsive, [atoms], mode=mode)["forces"] - evaluate(plain, [atoms], mode=mode)["forces"]).detach().numpy()
+    assert np.abs(extra).max() > 1.0
+    step = 1e-5
+    for atom in (len(atoms) - 1, len(atoms) - 3):
+        for axis in range(3):
+            energies = []
+            for sign in (1, -1):
+                displaced = atoms.copy()
+                displaced.positions[atom, axis] += sign * step
+                energies.append(evaluate(repulsive, [displaced], compute_forces=False)["energy"].item()
+                                - evaluate(plain, [displaced], compute_forces=False)["energy"].item())
+            assert extra[atom, axis] == pytest.approx(-(energies[0] - energies[1]) / (2 * step), rel=1e-6, abs=1e-6)
+
+
 def test_unknown_element_is_named():
     model = make_model()
     with pytest.raises(ValueError, match=r"\[26\].*\[1, 6, 8\]"):
