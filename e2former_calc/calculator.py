@@ -62,11 +62,12 @@ class E2FormerCalculator(Calculator):
             the block's activations there, chunk of atoms by chunk for systems above
             `model.chunk_atoms` (the same results; less GPU memory for the largest systems, at
             the cost of a second forward pass through the blocks).
-    cuda_graph: on CUDA with skin > 0, capture the evaluation as a CUDA graph at each neighbour
-            search and replay it at the calls until the next one (`e2former_calc.cuda_graph`):
-            for small systems, whose steps are bound by kernel launches. Between searches the
-            graph keeps every pair within cutoff + skin (more edges, each beyond the cutoff
-            contributing zero), so results equal the default's up to rounding.
+    cuda_graph: on CUDA with skin > 0, capture the evaluation as a CUDA graph and replay it at
+            every call (`e2former_calc.cuda_graph`): for small systems, whose steps are bound by
+            kernel launches. The graph keeps every pair within cutoff + skin of the last search
+            (more edges, each beyond the cutoff contributing zero), padded with far self-images
+            to a fixed edge count in periodic systems, so that searches refill it instead of
+            forcing a new capture; results equal the default's up to rounding.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]

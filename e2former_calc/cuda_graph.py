@@ -1,14 +1,16 @@
-"""A whole model evaluation as one CUDA graph launch, captured once per neighbour search.
+"""A whole model evaluation as one CUDA graph launch, captured once per graph object.
 
 On the GPU a small system's MD step is bound by kernel launches, not arithmetic: the water
 model's conservative step is ~1000 small kernels, ~40 ms of host time for ~8 ms of GPU work
-(benchmarks/results/md_speed_h200.json). Between two searches of a Verlet list,
-`VerletGraphBuilder.static_graph` keeps every tensor of the graph fixed and moves only its
-positions, in place, so the evaluation (forward and force pass) can be captured once per search
-and replayed at every step as one launch.
+(benchmarks/results/md_speed_h200.json). `VerletGraphBuilder.static_graph` keeps the graph's
+tensors at fixed shapes and addresses and changes their contents in place: the positions at
+every step and, in a periodic system, the pairs at each neighbour search too (the edge list is
+padded to a fixed capacity). So the evaluation (forward and force pass) is captured once and
+replayed at every step as one launch; a new capture follows only a new graph object (a search
+that found more pairs than the capacity, or a non-periodic system's search).
 
     captured = CapturedModel(model)
-    graph, order, new = builder.static_graph(atoms)   # same object until the next search
+    graph, order, new = builder.static_graph(atoms)   # the same object while the pairs fit
     outputs = captured(graph, compute_forces=True, mode="conservative")
 """
 
@@ -22,10 +24,11 @@ from e2former_calc.models.graph import AtomicGraph
 class CapturedModel:
     """`model(graph, **options)` through a CUDA graph captured for that graph object.
 
-    A graph object not seen last time (a new search) is evaluated eagerly once, on a side
-    stream as capture requires — this checks the inputs, compiles the kernels and fills the
-    graph's caches (target index, transposed edges), all of which need the host — and then
-    captured. The same object again, its positions updated in place, replays the capture.
+    A graph object not seen last time is evaluated eagerly once, on a side stream as capture
+    requires — this checks the inputs, compiles the kernels and fills the graph's caches (target
+    index, transposed edges), all of which need the host — and then captured. The same object
+    again, its tensors updated in place (`AtomicGraph.refill` keeps the caches current), replays
+    the capture.
     Replayed outputs are the capture's static tensors, overwritten by the next call: copy what
     you keep. `captures` counts the captures made.
     """

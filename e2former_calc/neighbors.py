@@ -36,6 +36,8 @@ after some atom has moved more than skin / 2) and keeps the per-system constants
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from numbers import Integral, Real
 from typing import Sequence
 
@@ -52,6 +54,9 @@ except ImportError:
     TorchNeighborList = None
 
 MORTON_BITS_PER_AXIS = 10
+# static_graph holds this many times the edges of the search that built it (the rest are far
+# self-images), so that later searches refill the same graph and a CUDA graph is captured once.
+EDGE_CAPACITY_MARGIN = 1.05
 
 
 def validate_atoms(atoms: Atoms) -> None:
@@ -215,6 +220,43 @@ def build_graph(
     )
 
 
+def _far_image_shift(atoms: Atoms, reach: float) -> np.ndarray | None:
+    """[3] integer shift n e_k along the first periodic axis k with |n a_k| > `reach` (Å), or None
+    for a system without a periodic axis."""
+    for axis in np.flatnonzero(atoms.get_pbc()):
+        shift = np.zeros(3)
+        shift[axis] = math.floor(reach / np.linalg.norm(atoms.cell.array[axis])) + 1
+        return shift
+    return None
+
+
+def with_edge_capacity(graph: AtomicGraph, capacity: int, far_shift: np.ndarray) -> AtomicGraph:
+    """`graph` with `capacity` edges: the E it has, then capacity - E padding edges spread evenly
+    over the atoms, each from an atom to its own periodic image `far_shift` (lattice units) away,
+    beyond the cutoff, where the envelope makes every contribution exactly zero."""
+    num_atoms, num_edges = graph.num_atoms, graph.num_edges
+    padding = capacity - num_edges
+    if padding < 0:
+        raise ValueError(f"capacity {capacity} is below the graph's {num_edges} edges")
+    device = graph.row_ptr.device
+    atoms = torch.arange(num_atoms, device=device)
+    pad_counts = torch.full((num_atoms,), padding // num_atoms, device=device)
+    pad_counts[: padding % num_atoms] += 1
+    counts = graph.row_ptr.diff()
+    row_ptr = torch.cat([graph.row_ptr.new_zeros(1), torch.cumsum(counts + pad_counts, dim=0)])
+    target = graph.target_index
+    real_slots = row_ptr[target] + torch.arange(num_edges, device=device) - graph.row_ptr[target]
+    pad_target = torch.repeat_interleave(atoms, pad_counts)
+    pad_rank = torch.arange(padding, device=device) - (torch.cumsum(pad_counts, dim=0) - pad_counts)[pad_target]
+    pad_slots = row_ptr[pad_target] + counts[pad_target] + pad_rank
+    source_index = graph.source_index.new_empty(capacity)
+    source_index[real_slots], source_index[pad_slots] = graph.source_index, pad_target
+    cell_shift = graph.cell_shift.new_empty(capacity, 3)
+    cell_shift[real_slots] = graph.cell_shift
+    cell_shift[pad_slots] = torch.as_tensor(far_shift, dtype=cell_shift.dtype, device=device)
+    return replace(graph, row_ptr=row_ptr, source_index=source_index, cell_shift=cell_shift, _cache={})
+
+
 class VerletGraphBuilder:
     """The `AtomicGraph` of one system, call after call (an MD run), from a Verlet list.
 
@@ -234,8 +276,10 @@ class VerletGraphBuilder:
     [P, 3] shifts), elements, cell, charge and spin stay there between searches. `searches`
     counts the neighbour searches done.
 
-    `static_graph` is the variant for replaying a captured CUDA graph: one graph object per search,
-    whose positions alone change in place.
+    `static_graph` is the variant for replaying a captured CUDA graph: a graph object whose tensors
+    change in place, its positions at every call and, for periodic systems, its pairs at a search
+    too (padded to a fixed number of edges with far self-images; a new object only when a search
+    finds more pairs than it holds). `static_builds` counts the objects it made.
     """
 
     def __init__(
@@ -254,6 +298,7 @@ class VerletGraphBuilder:
         self.device = torch.device(device)
         self.spatial_sort = spatial_sort
         self.searches = 0
+        self.static_builds = 0  # graph objects static_graph made; its other searches refilled the last one
         self._key = None  # (numbers, cell, pbc, charge, spin) of the stored search
         self._static = None  # static_graph's (graph, order, graph positions, Atoms positions) at its build
 
@@ -270,9 +315,10 @@ class VerletGraphBuilder:
         Between two searches this returns the same graph object, with every stored pair (those
         beyond the cutoff contribute exactly zero: the envelope and its derivative vanish there)
         and the same atom order; only its positions change, in place, to where the atoms were at
-        the graph's build plus their displacement since (not wrapped again, so the stored shifts
-        stay valid). `new` is True when the graph was built anew (after a search). Energies and
-        forces equal `__call__`'s up to rounding.
+        the search plus their displacement since (not wrapped again, so the stored shifts stay
+        valid). `new` is True after a search: the pairs, order and positions are then new too,
+        in the same object refilled (periodic systems, while the pairs fit its edge capacity) or
+        in a new one. Energies and forces equal `__call__`'s up to rounding.
         """
         validate_atoms(atoms)
         positions = atoms.get_positions()
@@ -282,6 +328,16 @@ class VerletGraphBuilder:
             graph.positions.copy_(torch.as_tensor(moved, dtype=self.dtype))
             return graph, order, False
         graph, order = self._build(atoms, keep_all_pairs=True)
+        far_shift = _far_image_shift(atoms, self.cutoff + self.skin)
+        held = None if self._static is None else self._static[0]
+        if far_shift is None:  # nothing to pad with (no periodic axis): a new graph at every search
+            self.static_builds += 1
+        elif held is not None and held.num_atoms == graph.num_atoms and held.num_edges >= graph.num_edges:
+            held.refill(with_edge_capacity(graph, held.num_edges, far_shift))
+            graph = held
+        else:
+            graph = with_edge_capacity(graph, math.ceil(EDGE_CAPACITY_MARGIN * graph.num_edges), far_shift)
+            self.static_builds += 1
         start = graph.positions.detach().cpu().numpy().astype(np.float64)  # a copy: the graph's positions change in place
         self._static = (graph, order, start, positions)
         return graph, order, True

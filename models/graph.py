@@ -12,7 +12,7 @@ positions and cell are strained for the stress, and lets autograd reach both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -107,6 +107,25 @@ class AtomicGraph:
         # index_select, not positions[index]: its backward is an index_add, where the backward of
         # advanced indexing sorts the E indices first (45% of an MD step's GPU time on the H100).
         return positions.index_select(0, self.source_index) - positions.index_select(0, target) + shift
+
+    def refill(self, other: "AtomicGraph") -> None:
+        """Copy `other`'s tensors into this graph's, in place, cached index structures included.
+
+        Shapes must match. A CUDA graph captured on this graph reads its tensors at the addresses
+        the capture recorded, so after a refill its replays evaluate `other`.
+        """
+        for item in fields(self):
+            if item.name == "_cache":
+                continue
+            mine, theirs = getattr(self, item.name), getattr(other, item.name)
+            if mine.shape != theirs.shape:
+                raise ValueError(f"refill needs equal shapes; {item.name} is {tuple(mine.shape)}, got {tuple(theirs.shape)}")
+            mine.copy_(theirs)
+        if "target_index" in self._cache:
+            self._cache["target_index"].copy_(other.target_index)
+        if "transposed" in self._cache:
+            for mine, theirs in zip(self._cache["transposed"], other.transposed):
+                mine.copy_(theirs)
 
     def to(self, device=None, dtype=None) -> "AtomicGraph":
         """A copy on `device`; float tensors cast to `dtype` (integer tensors keep theirs)."""

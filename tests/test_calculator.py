@@ -301,6 +301,29 @@ def test_static_graph_matches_the_filtered_graph_between_and_across_searches():
                 a, b = a[np.argsort(static_order)], b[np.argsort(order)]
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert static.searches == filtered.searches >= 2
-    assert [new for new, _ in built].count(True) == static.searches  # a new graph exactly per search
-    for (new, graph_id), (_, previous_id) in zip(built[1:], built):
-        assert new or graph_id == previous_id  # between searches: the same object, updated in place
+    assert [new for new, _ in built].count(True) == static.searches  # new pairs exactly at each search
+    # One object throughout: searches refill it (padded to a fixed edge count), as a CUDA graph needs.
+    assert static.static_builds == 1 and len({graph_id for _, graph_id in built}) == 1
+
+
+def test_padding_edges_change_nothing_and_a_full_graph_is_replaced():
+    from e2former_calc.neighbors import with_edge_capacity
+
+    model = tiny_model().double()
+    atoms = build_water_box(8, seed=2)
+    builder = VerletGraphBuilder(CUTOFF, skin=0.5, dtype=torch.float64)
+    graph, _ = builder(atoms)
+    padded = with_edge_capacity(graph, graph.num_edges + 2 * graph.num_atoms + 5, np.array([0.0, 3.0, 0.0]))
+    assert padded.row_ptr.diff().min() >= graph.row_ptr.diff().min() + 2  # spread over the atoms
+    reference, ours = model(graph, compute_stress=True), model(padded, compute_stress=True)
+    for name in ("energy", "forces", "stress"):
+        torch.testing.assert_close(ours[name].detach(), reference[name].detach(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="capacity"):
+        with_edge_capacity(graph, graph.num_edges - 1, np.array([0.0, 3.0, 0.0]))
+    # A search that finds more pairs than the held graph has edges builds a new, larger one.
+    static = VerletGraphBuilder(CUTOFF, skin=0.5, dtype=torch.float64)
+    first, _, _ = static.static_graph(atoms)
+    squeezed = atoms.copy()
+    squeezed.set_cell(atoms.cell * 0.9, scale_atoms=True)
+    second, _, new = static.static_graph(squeezed)
+    assert new and second is not first and second.num_edges > first.num_edges and static.static_builds == 2
