@@ -39,7 +39,7 @@ from ase.io import iread
 from ase.optimize import FIRE
 
 from e2former_calc import E2FormerCalculator
-from e2former_calc.checkpoint import PRETRAINED_DIR, registered_models
+from e2former_calc.checkpoint import PRETRAINED_DIR, registered_models, resolve_device
 from e2former_calc.cli import rigid_tip3p_water
 from e2former_calc.md import RESTART_NAME, MDWatchdogError, read_md_log, run_md
 from e2former_calc.rdf import compare_with_experiment, compute_rdf, load_experimental_rdf, plot_rdf, write_rdf_csv
@@ -71,9 +71,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="shipped model name or checkpoint path, or 'tip3p' (ASE's rigid TIP3P stand-in)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--skin", type=float, default=1.0, help="Verlet neighbour-list skin, Å (0: search every step)")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="replay each step as a CUDA graph captured per neighbour search (CUDA, skin > 0)")
+    parser.add_argument("--skin", type=float, default=None,
+                        help="Verlet neighbour-list skin, Å (0: search every step; default 0.5 with CUDA graphs, else 1)")
+    parser.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                        help="replay each step as one captured CUDA graph (needs CUDA and skin > 0; auto: on CUDA)")
     parser.add_argument("--ensemble", default="nose-hoover", choices=("nose-hoover", "bussi", "langevin"),
                         help="production thermostat")
     parser.add_argument("--coupling-time", type=float, default=100.0, help="production thermostat time, fs")
@@ -95,6 +96,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for name, value in MODES[arguments.mode].items():
         if getattr(arguments, name, None) is None:
             setattr(arguments, name, value)
+    if arguments.cuda_graph == "auto":
+        on_cuda = arguments.model.lower() != "tip3p" and resolve_device(arguments.device).type == "cuda"
+        arguments.cuda_graph = "on" if on_cuda and arguments.skin != 0 else "off"
+    if arguments.skin is None:  # a small skin keeps a captured graph's padded edge list short
+        arguments.skin = 0.5 if arguments.cuda_graph == "on" else 1.0
     arguments.output = arguments.output or Path("runs") / f"water_nvt_{arguments.mode}"
     return arguments
 
@@ -115,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         rigid_tip3p_water(atoms)
     else:
         atoms.calc = E2FormerCalculator(model=args.model, device=args.device, dtype=args.dtype, skin=args.skin,
-                                        cuda_graph=args.cuda_graph)
+                                        cuda_graph=args.cuda_graph == "on")
     invocation = {"started_utc": _now(), "device": _device_name(atoms.calc), "max_minutes": args.max_minutes,
-                  "cuda_graph": args.cuda_graph, **_environment(argv), "stages": {}}
+                  "cuda_graph": args.cuda_graph == "on", **_environment(argv), "stages": {}}
     record["invocations"].append(invocation)
     if not (output / "equilibration" / RESTART_NAME).exists():
         record["relaxation"] = _relax(atoms, args.relax_steps, output / "relax.log")
