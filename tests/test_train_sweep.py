@@ -159,3 +159,15 @@ def test_sweep_file_checks_and_the_water_example(tmp_path):
         path.write_text(yaml.safe_dump(bad))
         with pytest.raises(ValueError, match=message):
             load_sweep(path)
+
+
+@pytest.mark.parametrize("sweep_file", sorted((ROOT / "benchmarks" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_committed_sweep_builds_its_models(sweep_file):
+    from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
+    from e2former_calc.train import PRESETS
+
+    sweep = load_sweep(sweep_file)
+    for name in sweep.recipes:
+        config = load_config(ROOT / sweep.base, sweep.overrides(name))
+        model_config = E2FormerConfig.from_dict({**PRESETS[config.model.preset]().to_dict(), **config.model.overrides})
+        assert E2FormerV2(model_config).config == model_config
