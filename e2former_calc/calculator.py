@@ -45,6 +45,20 @@ MODES = ("conservative", "direct")
 INFO_KEYS = ("charge", "spin")
 
 
+def md_acceleration(device: str | torch.device, skin: float | None = None, cuda_graph: str = "auto") -> tuple[float, bool]:
+    """(skin in Å, cuda_graph) for an MD run's calculator.
+
+    `cuda_graph` "auto" replays captured CUDA graphs on a CUDA device (unless skin is 0), "on"
+    and "off" force it. The default skin is 0.5 Å with CUDA graphs (a captured graph holds every
+    pair within cutoff + skin: a small skin means fewer idle pairs per step) and 1 Å without
+    (eager steps keep only the pairs within the cutoff, so fewer searches win).
+    """
+    if cuda_graph not in ("auto", "on", "off"):
+        raise ValueError(f"cuda_graph must be 'auto', 'on' or 'off', got {cuda_graph!r}")
+    graphed = cuda_graph == "on" or (cuda_graph == "auto" and resolve_device(device).type == "cuda" and skin != 0)
+    return (skin if skin is not None else 0.5 if graphed else 1.0), graphed
+
+
 class E2FormerCalculator(Calculator):
     """E2Former-V2 energies, forces and stress for ASE.
 

@@ -129,6 +129,10 @@ def _add_md_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="model device (calculator default if omitted)")
     parser.add_argument("--dtype", choices=("float32", "float64"), help="model precision")
     parser.add_argument("--mode", help="calculator force mode (calculator default if omitted)")
+    parser.add_argument("--skin", type=float, default=None,
+                        help="Verlet neighbour-list skin, Å (0: search every step; default 0.5 with CUDA graphs, else 1)")
+    parser.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                        help="replay each step as one captured CUDA graph (needs CUDA and skin > 0; auto: on CUDA)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -146,12 +150,12 @@ def _run_md(arguments: argparse.Namespace) -> int:
     if arguments.model.lower() == "tip3p":
         rigid_tip3p_water(atoms)
     else:
-        from e2former_calc.calculator import E2FormerCalculator
+        from e2former_calc.calculator import E2FormerCalculator, md_acceleration
 
         options = {name: getattr(arguments, name) for name in ("device", "dtype", "mode")}
-        atoms.calc = E2FormerCalculator(
-            model=arguments.model, **{k: v for k, v in options.items() if v is not None}
-        )
+        options = {k: v for k, v in options.items() if v is not None}
+        skin, cuda_graph = md_acceleration(options.get("device", "auto"), arguments.skin, arguments.cuda_graph)
+        atoms.calc = E2FormerCalculator(model=arguments.model, skin=skin, cuda_graph=cuda_graph, **options)
     try:
         result = run_md(
             atoms,

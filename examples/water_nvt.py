@@ -39,7 +39,8 @@ from ase.io import iread
 from ase.optimize import FIRE
 
 from e2former_calc import E2FormerCalculator
-from e2former_calc.checkpoint import PRETRAINED_DIR, registered_models, resolve_device
+from e2former_calc.calculator import md_acceleration
+from e2former_calc.checkpoint import PRETRAINED_DIR, registered_models
 from e2former_calc.cli import rigid_tip3p_water
 from e2former_calc.md import RESTART_NAME, MDWatchdogError, read_md_log, run_md
 from e2former_calc.rdf import compare_with_experiment, compute_rdf, load_experimental_rdf, plot_rdf, write_rdf_csv
@@ -96,11 +97,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for name, value in MODES[arguments.mode].items():
         if getattr(arguments, name, None) is None:
             setattr(arguments, name, value)
-    if arguments.cuda_graph == "auto":
-        on_cuda = arguments.model.lower() != "tip3p" and resolve_device(arguments.device).type == "cuda"
-        arguments.cuda_graph = "on" if on_cuda and arguments.skin != 0 else "off"
-    if arguments.skin is None:  # a small skin keeps a captured graph's padded edge list short
-        arguments.skin = 0.5 if arguments.cuda_graph == "on" else 1.0
+    if arguments.model.lower() == "tip3p":
+        arguments.cuda_graph = "off"
+    arguments.skin, graphed = md_acceleration(arguments.device, arguments.skin, arguments.cuda_graph)
+    arguments.cuda_graph = "on" if graphed else "off"
     arguments.output = arguments.output or Path("runs") / f"water_nvt_{arguments.mode}"
     return arguments
 

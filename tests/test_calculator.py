@@ -327,3 +327,14 @@ def test_padding_edges_change_nothing_and_a_full_graph_is_replaced():
     squeezed.set_cell(atoms.cell * 0.9, scale_atoms=True)
     second, _, new = static.static_graph(squeezed)
     assert new and second is not first and second.num_edges > first.num_edges and static.static_builds == 2
+
+
+def test_md_acceleration_defaults():
+    from e2former_calc.calculator import md_acceleration
+
+    assert md_acceleration("cpu") == (1.0, False)  # eager: a wide skin, fewer searches
+    assert md_acceleration("cpu", skin=0.3) == (0.3, False)
+    assert md_acceleration("cpu", cuda_graph="on") == (0.5, True)  # a captured graph wants few idle pairs
+    assert md_acceleration("cpu", skin=0.0, cuda_graph="off") == (0.0, False)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        md_acceleration("cpu", cuda_graph="yes")
