@@ -100,11 +100,12 @@ def defect_clusters(snapshots: list[Atoms], sizes: list[int]) -> list[Atoms]:
     return clusters
 
 
-def write_plan(clusters: list[Atoms], source: str, round_index: int, path: Path) -> None:
-    """Number the clusters as plan frames of active-learning round `round_index` and write them."""
+def write_plan(clusters: list[Atoms], source: str, round_index: int, first_index: int, path: Path) -> None:
+    """Number the clusters as plan frames of active-learning round `round_index` from `first_index` on
+    and write them."""
     for offset, cluster in enumerate(clusters):
-        cluster.info.update(source=source, al_round=round_index,
-                            plan_index=PLAN_INDEX_STRIDE * round_index + offset, config_id=config_id(cluster))
+        cluster.info.update(source=source, al_round=round_index, plan_index=first_index + offset,
+                            config_id=config_id(cluster))
     path.parent.mkdir(parents=True, exist_ok=True)
     ase.io.write(path, clusters, format="extxyz")
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         candidates += carve_candidates(snapshots, args.candidates_per_frame, args.min_waters, args.max_waters, rng)
     scores = committee_disagreement(load_committee(args.committee, args.device), candidates)
     chosen = select_disputed(candidates, scores, args.n_select, args.per_frame)
-    write_plan(chosen, "active-learning", args.round, args.out)
+    write_plan(chosen, "active-learning", args.round, PLAN_INDEX_STRIDE * args.round, args.out)
     print(f"{len(candidates)} candidates, disagreement median {np.median(scores):.3f} eV/Å, max {scores.max():.3f}; "
           f"wrote the {len(chosen)} most disputed (>= {chosen[-1].info['committee_disagreement']:.3f} eV/Å) to {args.out}")
     return 0
@@ -204,15 +205,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def select_defects(args: argparse.Namespace) -> int:
     """The `defects` command: every frame from --first-step on, clusters around its broken waters."""
-    # Offset the seed past the committee selection's trajectories, so frames of the two kinds never share a group.
-    snapshots = trajectory_snapshots(args.trajectory, args.temperature, PLAN_INDEX_STRIDE * args.round + PLAN_INDEX_STRIDE // 2, 0)
+    # Numbered (plan index, and seed for the split's groups) from the middle of the round's range:
+    # no clash with the committee selection of the same round.
+    first_index = PLAN_INDEX_STRIDE * args.round + PLAN_INDEX_STRIDE // 2
+    snapshots = trajectory_snapshots(args.trajectory, args.temperature, first_index, 0)
     last = float("inf") if args.last_step is None else args.last_step
     snapshots = [snapshot for snapshot in snapshots if args.first_step <= snapshot.info["md_step"] <= last]
     clusters = defect_clusters(snapshots, args.sizes)
     if not clusters:
         print(f"no broken water in the {len(snapshots)} frames from step {args.first_step} of {args.trajectory}")
         return 1
-    write_plan(clusters, "md-failure", args.round, args.out)
+    write_plan(clusters, "md-failure", args.round, first_index, args.out)
     print(f"{len(clusters)} clusters around broken waters of {len(snapshots)} frames written to {args.out}")
     return 0
 

@@ -96,7 +96,7 @@ def test_defects_command_centres_clusters_on_the_broken_waters(trajectory, tmp_p
     plan = ase.io.read(out, index=":")
     assert [len(f) // 3 for f in plan] == [3, 5]
     assert all(f.info["source"] == "md-failure" and f.info["md_step"] == 200 and f.info["centre"] == 0 for f in plan)
-    assert [f.info["plan_index"] for f in plan] == [300000, 300001]
+    assert [f.info["plan_index"] for f in plan] == [350000, 350001]  # the committee's round 3 starts at 300000
     stretched = np.linalg.norm(plan[0].positions[1] - plan[0].positions[0])  # the centre comes first, its O at the origin
     assert stretched > active_learning.MAX_OH_BOND
     assert len(datagen.select_frames(plan, "small-first")) == 2
