@@ -3,8 +3,8 @@
     python -m e2former_calc.active_learning select TRAJ [TRAJ ...] --committee MODEL MODEL [MODEL ...]
         --out data/water/al_round1.extxyz [--round 1] [--n-select 40] [--candidates-per-frame 8]
         [--min-waters 4] [--max-waters 8] [--skip 5] [--seed 0]
-    python -m e2former_calc.active_learning defects TRAJ --temperature 300 --first-step S
-        [--last-step S]        --out data/water/al_round3_defects.extxyz [--round 3] [--sizes 6 8]
+    python -m e2former_calc.active_learning defects TRAJ --temperature 300 --first-step S [--last-step S]
+        --out data/water/al_round3_defects.extxyz [--round 3] [--sizes 6 8]
 
 The round, top to bottom:
 
