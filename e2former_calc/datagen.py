@@ -197,7 +197,7 @@ def label_plan(frames: list[Atoms], out_dir: Path, labeller, limit: int | None =
             label = labeller(frame)
         except Exception as error:  # any failure is recorded and the run goes on
             record = dict(frame.info, error=f"{type(error).__name__}: {error}")
-            _write_atomically(failed_dir(out_dir) / f"{identifier}.json", json.dumps(record, indent=1))
+            _write_atomically(failed_dir(out_dir) / f"{identifier}.json", json.dumps(record, indent=1, default=_plain))
             LOG.warning("FAILED %s n_waters=%d: %s", identifier, frame.info["n_waters"], record["error"])
             counts["failed"] += 1
             continue
@@ -210,6 +210,13 @@ def label_plan(frames: list[Atoms], out_dir: Path, labeller, limit: int | None =
         )
         counts["labelled"] += 1
     return counts
+
+
+def _plain(value):
+    """JSON form of the numpy scalars and arrays that frames read from extxyz carry in `info`."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def labelled_frame(frame: Atoms, label) -> Atoms:

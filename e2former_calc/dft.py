@@ -23,6 +23,9 @@ AUXBASIS = "def2-universal-jkfit"
 METHOD = "revPBE-D3(BJ)/def2-TZVP DF(def2-universal-jkfit) PySCF-default-grids RKS"
 
 
+SECOND_ORDER_MAX_CYCLE = 30  # Newton (SOSCF) cycles tried after the DIIS cycles failed
+
+
 class SCFNotConverged(RuntimeError):
     """The SCF did not reach PySCF's convergence criteria; the frame has no valid label."""
 
@@ -88,8 +91,12 @@ def label_atoms(atoms: Atoms, basis: str = BASIS, auxbasis: str | None = AUXBASI
     cycles = _SCFCycleCounter()
     scf.callback = cycles
     energy_hartree = float(scf.kernel())
+    if not scf.converged:  # DIIS fails on some strongly distorted clusters: second-order SCF from where it stopped
+        scf = scf.newton()
+        scf.max_cycle = SECOND_ORDER_MAX_CYCLE
+        energy_hartree = float(scf.kernel(scf.make_rdm1()))
     if not scf.converged:
-        raise SCFNotConverged(f"SCF not converged after {cycles.count} cycles")
+        raise SCFNotConverged(f"SCF not converged after {cycles.count} cycles (DIIS, then second order)")
     gradient = np.asarray(_to_numpy(scf.nuc_grad_method().kernel()))  # Hartree/Bohr, dispersion included
     method = METHOD if (basis, auxbasis) == (BASIS, AUXBASIS) else METHOD.replace("def2-TZVP", basis).replace(
         "def2-universal-jkfit", str(auxbasis)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 
 import ase.io
@@ -127,10 +128,11 @@ def test_labelling_resumes_records_failures_and_merges(tmp_path):
         datagen.label_plan(plan, tmp_path, killed)
     assert sorted(p.name for p in (tmp_path / "frames").iterdir()) == sorted(f"{i}.extxyz" for i in ids[:2])
 
+    plan[3].info["md_step"] = np.int64(4200)  # as frames read back from extxyz carry them
     limited = CountingLabeller(fail_ids={ids[3]})
     counts = datagen.label_plan(plan, tmp_path, limited, limit=3)
     assert limited.seen == ids[2:5] and counts == {"skipped": 2, "labelled": 2, "failed": 1}
-    assert (tmp_path / "failed" / f"{ids[3]}.json").exists()
+    assert json.loads((tmp_path / "failed" / f"{ids[3]}.json").read_text())["md_step"] == 4200
 
     first_chunk = datagen.merge_frames(tmp_path)
     assert datagen.merge_frames(tmp_path) is None
@@ -199,8 +201,26 @@ def test_unconverged_scf_is_an_error(monkeypatch):
         return scf
 
     monkeypatch.setattr(dft, "build_scf", one_cycle)
+    monkeypatch.setattr(dft, "SECOND_ORDER_MAX_CYCLE", 1)
     with pytest.raises(dft.SCFNotConverged):
         dft.label_atoms(distorted_water(), basis="sto-3g", auxbasis="weigend")
+
+
+def test_second_order_scf_finishes_what_diis_could_not(monkeypatch):
+    pytest.importorskip("pyscf")
+    reference = dft.label_atoms(distorted_water(), basis="sto-3g", auxbasis="weigend")
+    original = dft.build_scf
+
+    def two_cycles(*args, **kwargs):
+        scf = original(*args, **kwargs)
+        scf.max_cycle = 2
+        return scf
+
+    monkeypatch.setattr(dft, "build_scf", two_cycles)
+    rescued = dft.label_atoms(distorted_water(), basis="sto-3g", auxbasis="weigend")
+    assert rescued.scf_cycles > 2
+    assert rescued.energy == pytest.approx(reference.energy, abs=1e-6)
+    np.testing.assert_allclose(rescued.forces, reference.forces, atol=1e-4)
 
 
 @pytest.mark.slow
