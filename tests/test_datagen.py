@@ -255,3 +255,18 @@ def test_flexible_md_samples_stretches_and_is_reproducible():
     lengths = oh_lengths(snapshots[-1])
     assert lengths.std() > 0.005 and 0.85 < lengths.mean() < 1.1  # flexible, but intact molecules
     assert snapshots[1].info == {"temperature_K": 300.0, "snapshot": 1, "seed": 5, "time_ps": pytest.approx(0.6)}
+
+
+def test_data_card_lists_each_active_learning_round_by_kind():
+    def frame(source, al_round, n_waters):
+        atoms = Atoms("OH2" * n_waters, positions=np.arange(9 * n_waters, dtype=float).reshape(-1, 3))
+        atoms.info.update(source=source, al_round=al_round, n_waters=n_waters, temperature_K=300.0)
+        return atoms
+
+    frames = [frame("active-learning", 3, 4), frame("active-learning", 3, 8), frame("md-failure", 3, 6),
+              frame("active-learning", 1, 5), frame("liquid-cluster", 0, 7)]
+    assert datagen.active_learning_rounds(frames).splitlines() == [
+        "- round 1: 1 committee-selected clusters (5–5 waters, MD at 300 K)",
+        "- round 3: 2 committee-selected clusters (4–8 waters, MD at 300 K); "
+        "1 clusters around a failed run's broken waters (6–6 waters, MD at 300 K)",
+    ]
