@@ -191,16 +191,21 @@ def distorted_water() -> Atoms:
     return Atoms("OH2", positions=[[0.0, 0.0, 0.05], [0.78, 0.0, 0.6], [-0.74, 0.1, 0.5]])
 
 
-def test_unconverged_scf_is_an_error(monkeypatch):
-    pytest.importorskip("pyscf")
+def limit_diis_cycles(monkeypatch, cycles: int) -> None:
+    """Make every SCF that dft.build_scf returns stop its DIIS iterations after `cycles`."""
     original = dft.build_scf
 
-    def one_cycle(*args, **kwargs):
+    def limited(*args, **kwargs):
         scf = original(*args, **kwargs)
-        scf.max_cycle = 1
+        scf.max_cycle = cycles
         return scf
 
-    monkeypatch.setattr(dft, "build_scf", one_cycle)
+    monkeypatch.setattr(dft, "build_scf", limited)
+
+
+def test_unconverged_scf_is_an_error(monkeypatch):
+    pytest.importorskip("pyscf")
+    limit_diis_cycles(monkeypatch, 1)
     monkeypatch.setattr(dft, "SECOND_ORDER_MAX_CYCLE", 1)
     with pytest.raises(dft.SCFNotConverged):
         dft.label_atoms(distorted_water(), basis="sto-3g", auxbasis="weigend")
@@ -209,14 +214,7 @@ def test_unconverged_scf_is_an_error(monkeypatch):
 def test_second_order_scf_finishes_what_diis_could_not(monkeypatch):
     pytest.importorskip("pyscf")
     reference = dft.label_atoms(distorted_water(), basis="sto-3g", auxbasis="weigend")
-    original = dft.build_scf
-
-    def two_cycles(*args, **kwargs):
-        scf = original(*args, **kwargs)
-        scf.max_cycle = 2
-        return scf
-
-    monkeypatch.setattr(dft, "build_scf", two_cycles)
+    limit_diis_cycles(monkeypatch, 2)
     rescued = dft.label_atoms(distorted_water(), basis="sto-3g", auxbasis="weigend")
     assert rescued.scf_cycles > 2
     assert rescued.energy == pytest.approx(reference.energy, abs=1e-6)
