@@ -100,6 +100,14 @@ def rigid_tip3p_water(atoms: Atoms) -> Atoms:
     return atoms
 
 
+def add_acceleration_arguments(parser: argparse.ArgumentParser) -> None:
+    """--skin and --cuda-graph of an MD command (resolved by calculator.md_acceleration)."""
+    parser.add_argument("--skin", type=float, default=None,
+                        help="Verlet neighbour-list skin, Å (0: search every step; default 0.5 with CUDA graphs, else 1)")
+    parser.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                        help="replay each step as one captured CUDA graph (needs CUDA and skin > 0; auto: on CUDA)")
+
+
 def _add_md_arguments(parser: argparse.ArgumentParser) -> None:
     from e2former_calc.md import ENSEMBLES
 
@@ -129,10 +137,7 @@ def _add_md_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="model device (calculator default if omitted)")
     parser.add_argument("--dtype", choices=("float32", "float64"), help="model precision")
     parser.add_argument("--mode", help="calculator force mode (calculator default if omitted)")
-    parser.add_argument("--skin", type=float, default=None,
-                        help="Verlet neighbour-list skin, Å (0: search every step; default 0.5 with CUDA graphs, else 1)")
-    parser.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
-                        help="replay each step as one captured CUDA graph (needs CUDA and skin > 0; auto: on CUDA)")
+    add_acceleration_arguments(parser)
     parser.add_argument("--no-progress", action="store_true")
 
 

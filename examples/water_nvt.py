@@ -41,7 +41,7 @@ from ase.optimize import FIRE
 from e2former_calc import E2FormerCalculator
 from e2former_calc.calculator import md_acceleration
 from e2former_calc.checkpoint import PRETRAINED_DIR, registered_models
-from e2former_calc.cli import rigid_tip3p_water
+from e2former_calc.cli import add_acceleration_arguments, rigid_tip3p_water
 from e2former_calc.md import RESTART_NAME, MDWatchdogError, read_md_log, run_md
 from e2former_calc.rdf import compare_with_experiment, compute_rdf, load_experimental_rdf, plot_rdf, write_rdf_csv
 from e2former_calc.water import build_water_box
@@ -72,10 +72,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="shipped model name or checkpoint path, or 'tip3p' (ASE's rigid TIP3P stand-in)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--skin", type=float, default=None,
-                        help="Verlet neighbour-list skin, Å (0: search every step; default 0.5 with CUDA graphs, else 1)")
-    parser.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
-                        help="replay each step as one captured CUDA graph (needs CUDA and skin > 0; auto: on CUDA)")
+    add_acceleration_arguments(parser)
     parser.add_argument("--ensemble", default="nose-hoover", choices=("nose-hoover", "bussi", "langevin"),
                         help="production thermostat")
     parser.add_argument("--coupling-time", type=float, default=100.0, help="production thermostat time, fs")

@@ -553,8 +553,11 @@ class E2FormerV2(nn.Module):
             edge_vector = graph.edge_vectors(positions, cell)
             features, species = self.node_features(graph, positions, edge_vector, create_graph)
             learned = self.config.energy_scale * self.energy_head(features[:, 0]).squeeze(-1)
+            repulsion_forces = None
             if self.repulsion is not None:
-                learned = learned + self.repulsion_energies(graph, edge_vector, species)
+                repulsion, repulsion_forces = self.repulsion_terms(
+                    graph, edge_vector, species, direct_forces=mode == "direct" and compute_forces)
+                learned = learned + repulsion
             reference = self.reference_energy[species]
             energies = learned + reference
             # Totals in float64: in float32 a total near -4.5e5 eV (216 waters) is only good to 0.03 eV.
@@ -574,12 +577,21 @@ class E2FormerV2(nn.Module):
                     result["stress"] = grads[1] / volume[:, None, None]
             elif compute_forces:
                 result["forces"] = self.force_head(features[:, 1:4]).squeeze(-1)
-                if self.repulsion is not None:  # the direct head learns the forces on top of the repulsion's
-                    with torch.enable_grad():
-                        leaf = graph.positions.detach().requires_grad_(True)
-                        repulsion = self.repulsion_energies(graph, graph.edge_vectors(leaf), species)
-                        result["forces"] = result["forces"] - torch.autograd.grad(repulsion.sum(), leaf)[0]
+                if repulsion_forces is not None:  # the direct head learns the forces on top of the repulsion's
+                    result["forces"] = result["forces"] + repulsion_forces
         return result
+
+    def repulsion_terms(self, graph: AtomicGraph, edge_vector: torch.Tensor, species: torch.Tensor, direct_forces: bool):
+        """[N] per-atom shares (eV) of the ZBL pair repulsion and, for `direct_forces`, its [N, 3]
+        forces (eV/Å), by autograd on positions of its own: the direct mode's network has no graph to
+        the positions. Otherwise (None) the repulsion's forces come with the model's own -dE/dr."""
+        if not direct_forces:
+            return self.repulsion_energies(graph, edge_vector, species), None
+        with torch.enable_grad():
+            leaf = graph.positions.detach().requires_grad_(True)
+            shares = self.repulsion_energies(graph, graph.edge_vectors(leaf), species)
+            (gradient,) = torch.autograd.grad(shares.sum(), leaf)
+        return shares.detach(), -gradient
 
     def repulsion_energies(self, graph: AtomicGraph, edge_vector: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """[N] per-atom shares (eV) of the ZBL pair repulsion: half of each pair to either atom."""
