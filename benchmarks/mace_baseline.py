@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -50,7 +49,8 @@ from e2former_calc.dataset import (
     frame_labels,
     load_frames,
 )
-from e2former_calc.train import error_metrics, load_config
+from e2former_calc.evaluate import metrics_by_cluster_size
+from e2former_calc.train import load_config, training_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 OUR_RUN = ROOT / "runs" / "water_small"  # our training run to compare with (--our-run)
@@ -282,18 +282,11 @@ def predict(model_path: Path, splits: tuple[str, ...], threads: int) -> dict:
 
 
 def metrics_for(frames: list[Atoms], prediction: dict, loss) -> dict:
-    """Our metric definitions (e2former_calc.train.error_metrics), overall and per cluster size."""
+    """Our metric definitions (e2former_calc.evaluate), overall and per cluster size, with our training loss."""
     energy_error = torch.tensor([p - frame_labels(a)[0] for p, a in zip(prediction["energy"], frames, strict=True)], dtype=torch.float64)
     force_error = torch.cat([torch.tensor(p, dtype=torch.float64) - torch.as_tensor(frame_labels(a)[1])
                              for p, a in zip(prediction["forces"], frames)])
-    n_atoms = torch.tensor([len(a) for a in frames])
-    atom_frame = torch.repeat_interleave(torch.arange(len(frames)), n_atoms)
-    sizes = [cluster_size(a) for a in frames]
-    per_size = {}
-    for size in sorted(set(sizes)):
-        chosen = torch.tensor([k for k, s in enumerate(sizes) if s == size])
-        per_size[f"{size} waters"] = error_metrics(energy_error[chosen], force_error[torch.isin(atom_frame, chosen)], n_atoms[chosen], loss)
-    return {"overall": error_metrics(energy_error, force_error, n_atoms, loss), "per_cluster_size": per_size}
+    return metrics_by_cluster_size(frames, energy_error, force_error, training_loss(loss))
 
 
 def versions() -> dict:
@@ -343,7 +336,7 @@ def evaluate(threads: int) -> dict:
     our_epochs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.exists() else []
     results = {
         "what": "MACE (mace-torch) trained and evaluated on exactly the train/val/test split of the --our-run directory "
-        "(frame ids from split.json, e2former_calc.dataset.frame_id); metrics as in e2former_calc.train.error_metrics: "
+        "(frame ids from split.json, e2former_calc.dataset.frame_id); metrics as in e2former_calc.evaluate.error_metrics: "
         "energy error per atom (meV/atom), force components (meV/Å); the 'loss' entries use our training loss "
         f"({config.loss.kind}, energy weight {config.loss.energy_weight}, force weight {config.loss.force_weight}).",
         "selection": f"of MACE's stage-one and stage-two (EMA) models, the one with the lower validation loss (ours): {chosen}",

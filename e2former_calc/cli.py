@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in SUBCOMMAND_MODULES:
         importlib.import_module(module)
     parser = argparse.ArgumentParser(
-        prog="e2former", description="E2Former-V2 calculator tools: MD and analysis."
+        prog="e2former", description="E2Former-V2 calculator tools: MD, analysis, training and evaluation."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for subcommand in SUBCOMMANDS.values():
@@ -267,3 +267,26 @@ def _run_train(arguments: argparse.Namespace) -> int:
 
 
 register_subcommand(Subcommand("train", "train a model from a YAML config", _add_train_arguments, _run_train))
+
+
+def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="registered model name or checkpoint path (.safetensors)")
+    parser.add_argument("data", nargs="+", help="labelled extxyz files or glob patterns (quote them), gzip is fine")
+    parser.add_argument("--split", type=Path, help="a training run's split.json: evaluate one of its subsets")
+    parser.add_argument("--subset", choices=("train", "val", "test"), default="test", help="with --split (default test)")
+    parser.add_argument("--mode", choices=("conservative", "direct"), default="conservative", help="force mode")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
+    parser.add_argument("--batch-size", type=int, default=16, help="frames per model call")
+    parser.add_argument("--output", type=Path, help="write the metrics as JSON")
+    parser.add_argument("--plot", type=Path, help="write a parity plot (PNG)")
+
+
+def _run_evaluate(arguments: argparse.Namespace) -> int:
+    from e2former_calc.evaluate import run
+
+    return run(arguments)
+
+
+register_subcommand(Subcommand("evaluate", "energy and force errors of a model on labelled frames",
+                               _add_evaluate_arguments, _run_evaluate))

@@ -7,6 +7,7 @@ The recipe, top to bottom:
     for epoch in range(epochs):
         mode = "direct" for the first direct_force_epochs (force head), then "conservative" (F = -dE/dr)
         AdamW steps on  w_E * mean((dE / n_atoms)^2) + w_F * mean(dF^2)   (or Huber), warm-up + cosine lr
+        a non-finite loss rolls back to the last good epoch and redoes it with the lr scaled down (below)
         EMA of the weights after every step; validate the EMA model; checkpoint latest (+ best)
         early stopping on the validation loss (conservative phase only)
     test split (never seen before): metrics overall and per cluster size; export the best EMA model
@@ -16,13 +17,21 @@ Run directory (``run_dir``):
     config.yaml              the resolved config (checked on --resume)
     split.json               frame ids of each split (checked on --resume)
     metrics.jsonl            one JSON line per epoch
-    checkpoint_latest.pt     everything needed to resume exactly (tensors and plain values only)
+    checkpoint_latest.pt     everything needed to resume exactly (tensors and plain values only), including
+                             the lr scale and the number of divergence recoveries so far
     checkpoint_best.pt       EMA weights of the best validation epoch of the current phase
     test_metrics.json        final evaluation of the best EMA model
     model.safetensors/.json  the exported model (e2former_calc.checkpoint.save_model)
 
+Divergence: when the training loss turns NaN or infinite, the epoch's updates are dropped: model, EMA,
+optimiser, scheduler and RNG states are reloaded from checkpoint_latest.pt (from an in-memory copy of the
+initial state when the first epoch diverges), every learning rate of the rest of the run is multiplied by
+optimizer.divergence_lr_factor, and the epoch is redone (on the same batches: see `epoch_order`). This
+happens at most optimizer.divergence_retries times per run, resumes included; then, or with 0 retries,
+training stops with TrainingDiverged. The summary reports "divergence_recoveries" and the "lr_scale".
+
 Resuming replays exactly: batch order is a function of (seed, epoch), and the model, EMA,
-optimiser, scheduler and RNG states are restored. On CUDA, scatter-adds are not bitwise
+optimiser, scheduler and RNG states and the lr scale are restored. On CUDA, scatter-adds are not bitwise
 deterministic, so resumed losses agree only to rounding there.
 """
 
@@ -49,13 +58,13 @@ from tqdm.auto import tqdm
 from e2former_calc.checkpoint import resolve_device, resolve_dtype, save_model
 from e2former_calc.dataset import (
     PackedFrames,
-    cluster_size,
     element_counts,
     fit_reference_energies,
     frame_labels,
     load_frames,
     split_frames,
 )
+from e2former_calc.evaluate import error_metrics, metrics_by_cluster_size, predict_errors, size_label
 from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
 
 PRESETS = {"paper": E2FormerConfig, "water_small": E2FormerConfig.water_small}
@@ -88,13 +97,19 @@ class ModelSetup:
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last epoch."""
+    """AdamW with linear warm-up to `lr`, then cosine decay to `lr * min_lr_ratio` at the last epoch.
+
+    A diverging epoch (non-finite loss) is redone from the last good epoch with all learning rates of
+    the rest of the run times `divergence_lr_factor`, at most `divergence_retries` times per run.
+    """
 
     lr: float = 5e-4
     weight_decay: float = 1e-3
     warmup_epochs: float = 2.0
     min_lr_ratio: float = 0.01
     max_grad_norm: float | None = 10.0  # gradient clipping; None disables it
+    divergence_retries: int = 2  # 0: stop at the first divergence
+    divergence_lr_factor: float = 0.5  # in (0, 1): the lr scale applied at each retry
 
 
 @dataclass
@@ -148,6 +163,11 @@ class TrainConfig:
             raise ValueError(f"direct_force_epochs must be within 0..epochs ({self.epochs}), got {self.direct_force_epochs}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        retries = self.optimizer.divergence_retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"optimizer.divergence_retries must be an integer >= 0, got {retries!r}")
+        if not 0 < self.optimizer.divergence_lr_factor < 1:
+            raise ValueError(f"optimizer.divergence_lr_factor must be in (0, 1), got {self.optimizer.divergence_lr_factor}")
 
     @classmethod
     def from_dict(cls, raw: dict) -> "TrainConfig":
@@ -279,54 +299,21 @@ def train_epoch(model, ema, optimizer, scheduler, data: PackedFrames, config: Tr
     return {"loss": mean[0], "energy_loss": mean[1], "force_loss": mean[2]}
 
 
-def predict_errors(model, data: PackedFrames, batch_size: int, mode: str):
-    """Errors of `model` on every frame: energy [S] (eV, float64), forces [N, 3] (eV/Å); on the CPU."""
-    energy_errors, force_errors = [], []
-    with torch.no_grad():  # conservative forces still get their own autograd pass inside the model
-        for start in range(0, len(data), batch_size):
-            batch = data.batch(torch.arange(start, min(start + batch_size, len(data))))
-            out = model(batch.graph, compute_forces=True, mode=mode)
-            energy_errors.append((out["energy"].detach().double() - batch.energy).cpu())
-            force_errors.append((out["forces"] - batch.forces).detach().cpu())
-    return torch.cat(energy_errors), torch.cat(force_errors)
-
-
-def error_metrics(energy_error, force_error, n_atoms, loss: LossConfig) -> dict:
-    """Loss (as in training) and MAE/RMSE: energy in meV/atom, force components in meV/Å."""
-    per_atom = energy_error / n_atoms
-    total, _, _ = loss_terms(per_atom, force_error.double(), loss)
-    return {
-        "loss": total.item(),
-        "energy_mae_meV_per_atom": 1000 * per_atom.abs().mean().item(),
-        "energy_rmse_meV_per_atom": 1000 * per_atom.pow(2).mean().sqrt().item(),
-        "force_mae_meV_per_A": 1000 * force_error.abs().mean().item(),
-        "force_rmse_meV_per_A": 1000 * force_error.pow(2).mean().sqrt().item(),
-        "n_frames": len(per_atom),
-    }
+def training_loss(loss: LossConfig):
+    """The training loss as a function of (energy error per atom [S], force error [N, 3]), for error_metrics."""
+    return lambda energy_error, force_error: loss_terms(energy_error, force_error.double(), loss)[0]
 
 
 def evaluate(model, data: PackedFrames, config: TrainConfig, mode: str) -> dict:
+    """Loss and MAE/RMSE of `model` on all of `data` (validation)."""
     energy_error, force_error = predict_errors(model, data, config.eval_batch_size, mode)
-    return error_metrics(energy_error, force_error, data.n_atoms.cpu(), config.loss.for_mode(mode))
+    return error_metrics(energy_error, force_error, data.n_atoms.cpu(), training_loss(config.loss.for_mode(mode)))
 
 
 def evaluate_by_cluster_size(model, data: PackedFrames, config: TrainConfig, mode: str) -> dict:
-    """{"overall": metrics, "per_cluster_size": {"5 waters": metrics, ...}} (atom count when not water)."""
+    """{"overall": metrics, "per_cluster_size": {"5 waters": metrics, ...}} (the test split)."""
     energy_error, force_error = predict_errors(model, data, config.eval_batch_size, mode)
-    n_atoms = data.n_atoms.cpu()
-    frame_of_atom = torch.repeat_interleave(torch.arange(len(data)), n_atoms)
-    labels = [_size_label(atoms) for atoms in data.frames]
-    loss, per_size = config.loss.for_mode(mode), {}
-    for label in sorted(set(labels), key=lambda text: (text.split()[1], int(text.split()[0]))):
-        frames = torch.tensor([k for k, other in enumerate(labels) if other == label])
-        atoms = torch.isin(frame_of_atom, frames)
-        per_size[label] = error_metrics(energy_error[frames], force_error[atoms], n_atoms[frames], loss)
-    return {"overall": error_metrics(energy_error, force_error, n_atoms, loss), "per_cluster_size": per_size}
-
-
-def _size_label(atoms) -> str:
-    waters = cluster_size(atoms)
-    return f"{waters} waters" if waters > 0 else f"{len(atoms)} atoms"
+    return metrics_by_cluster_size(data.frames, energy_error, force_error, training_loss(config.loss.for_mode(mode)))
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -362,7 +349,7 @@ def data_summary(frames, split: dict[str, list[int]]) -> dict:
         "n_frames": len(frames),
         "split_sizes": {name: len(indices) for name, indices in split.items()},
         "methods": sorted({str(atoms.info.get("method", "unknown")) for atoms in frames}),
-        "cluster_sizes": dict(sorted(Counter(_size_label(atoms) for atoms in frames).items())),
+        "cluster_sizes": dict(sorted(Counter(size_label(atoms) for atoms in frames).items())),
     }
 
 
@@ -383,14 +370,19 @@ def record_split(run_dir: Path, frames, split, config: TrainConfig, resume: bool
 
 def record_config(run_dir: Path, config: TrainConfig, resume: bool) -> None:
     path = run_dir / "config.yaml"
-    resolved = yaml.safe_load(yaml.safe_dump(config.to_dict()))
-    if resume:
-        saved = yaml.safe_load(path.read_text())
+    resolved = _resolved(config)
+    if resume:  # parsed again, so that fields added since the run began compare as their defaults
+        saved = _resolved(TrainConfig.from_dict(yaml.safe_load(path.read_text())))
         changed = sorted(key for key in resolved.keys() | saved.keys() if resolved.get(key) != saved.get(key))
         if changed:
             raise ValueError(f"--resume needs the config of {path}; these sections differ: {changed}")
     else:
         _write_atomically(path, yaml.safe_dump(resolved, sort_keys=False))
+
+
+def _resolved(config: TrainConfig) -> dict:
+    """The config as plain YAML values (as config.yaml holds it)."""
+    return yaml.safe_load(yaml.safe_dump(config.to_dict()))
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -406,12 +398,45 @@ def _save_atomically(state: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- the driver
+def _training_state(state: dict, model, ema, optimizer, scheduler, device) -> dict:
+    """What checkpoint_latest.pt holds: `state` (epoch, best epoch, lr scale, ...) and the model, EMA,
+    optimiser, scheduler and RNG states."""
+    return {
+        **state,
+        "model": model.state_dict(), "ema": ema.model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _restore_training_state(saved: dict, lr_scale: float, base_lr: float, model, ema, optimizer, scheduler, device) -> None:
+    """Load a `_training_state` dict into the model, EMA, optimiser, scheduler and RNGs, then set the
+    learning rates to `lr_scale` times the configured ones: the scheduler's base lrs become
+    `base_lr * lr_scale`, each param group's current lr that times the schedule at the restored step.
+
+    --resume calls it with the checkpoint's own scale; a divergence rolls back with a smaller one.
+    """
+    model.load_state_dict(saved["model"])
+    ema.model.load_state_dict(saved["ema"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng_cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved["rng_cuda"], device)
+    scheduler.base_lrs = [base_lr * lr_scale for _ in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
 def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | None = None) -> dict:
     """Run (or resume) training as the module docstring describes; returns the run summary.
 
     `stop_after_epochs` ends this invocation after that many epochs (a planned interruption;
-    continue with resume=True). The summary holds "epochs_done", "finished" and, once finished,
-    "test" metrics and the "model" export path.
+    continue with resume=True). The summary holds "epochs_done", "finished", "divergence_recoveries",
+    "lr_scale" (the product of the divergence lr factors applied) and, once finished, "test" metrics
+    and the "model" export path.
     """
     run_dir = Path(config.run_dir)
     latest, best = run_dir / "checkpoint_latest.pt", run_dir / "checkpoint_best.pt"
@@ -450,19 +475,16 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    state = {"epoch": 0, "best_metric": math.inf, "best_epoch": -1, "stopped_early": False}
+    state = {"epoch": 0, "best_metric": math.inf, "best_epoch": -1, "stopped_early": False,
+             "lr_scale": 1.0, "divergence_recoveries": 0}
     if resume:
         saved = torch.load(latest, map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-        model.load_state_dict(saved["model"])
-        ema.model.load_state_dict(saved["ema"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng_cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(saved["rng_cuda"], device)
-        state = {key: saved[key] for key in state}
+        state = {key: saved.get(key, default) for key, default in state.items()}  # older checkpoints lack some
+        _restore_training_state(saved, state["lr_scale"], config.optimizer.lr, model, ema, optimizer, scheduler, device)
         _truncate_log(run_dir / "metrics.jsonl", state["epoch"])
         tqdm.write(f"resuming {run_dir} after epoch {state['epoch']}")
+    # A divergence before the first checkpoint rolls back to this copy of the initial state.
+    initial_state = copy.deepcopy(_training_state(state, model, ema, optimizer, scheduler, device))
 
     tqdm.write(
         f"{summary['split_sizes']} frames; reference energies {summary['reference_energies_eV']} eV "
@@ -476,7 +498,24 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
             state["best_metric"], state["best_epoch"] = math.inf, -1
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train_epoch(model, ema, optimizer, scheduler, train_data, config, epoch, mode)
+        try:
+            train_metrics = train_epoch(model, ema, optimizer, scheduler, train_data, config, epoch, mode)
+        except TrainingDiverged as error:
+            retries = config.optimizer.divergence_retries
+            if state["divergence_recoveries"] >= retries:
+                raise TrainingDiverged(
+                    f"{error} Divergence retries used: {state['divergence_recoveries']} of {retries} "
+                    f"(optimizer.divergence_retries; lr scale {state['lr_scale']:g})."
+                ) from error
+            state["divergence_recoveries"] += 1
+            state["lr_scale"] *= config.optimizer.divergence_lr_factor
+            last_good = torch.load(latest, map_location="cpu", weights_only=True) if latest.exists() else initial_state
+            _restore_training_state(last_good, state["lr_scale"], config.optimizer.lr, model, ema, optimizer, scheduler, device)
+            tqdm.write(
+                f"epoch {epoch + 1}/{config.epochs} diverged: retry {state['divergence_recoveries']} of {retries} from "
+                f"the state after epoch {epoch} with lr scale {state['lr_scale']:g}"
+            )
+            continue
         val_metrics = evaluate(ema.model, val_data, config, mode)
         improved = val_metrics["loss"] < state["best_metric"]
         if improved:
@@ -493,14 +532,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
         }
         with open(run_dir / "metrics.jsonl", "a") as log:
             log.write(json.dumps(line) + "\n")
-        checkpoint = {
-            **state,
-            "model": model.state_dict(), "ema": ema.model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }
-        _save_atomically(checkpoint, latest)
+        _save_atomically(_training_state(state, model, ema, optimizer, scheduler, device), latest)
         tqdm.write(
             f"epoch {epoch + 1}/{config.epochs} [{mode}] train loss {train_metrics['loss']:.4g} | val "
             f"E {val_metrics['energy_mae_meV_per_atom']:.3g} meV/atom, F {val_metrics['force_mae_meV_per_A']:.4g} meV/Å"
@@ -516,7 +548,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
                 tqdm.write(f"time budget: another epoch would overrun max_minutes={config.max_minutes}; finishing now")
         if stop_after_epochs is not None and epochs_this_run >= stop_after_epochs and state["epoch"] < config.epochs:
             tqdm.write(f"stopping after {epochs_this_run} epochs as asked; continue with --resume")
-            return {"epochs_done": state["epoch"], "finished": False}
+            return {"epochs_done": state["epoch"], "finished": False,
+                    "divergence_recoveries": state["divergence_recoveries"], "lr_scale": state["lr_scale"]}
 
     return finish(run_dir, config, ema.model, subsets, summary, state)
 
@@ -528,6 +561,7 @@ def finish(run_dir: Path, config: TrainConfig, model: E2FormerV2, subsets, summa
     mode = best["mode"]
     device, dtype = model.reference_energy.device, model.reference_energy.dtype
     results = {"best_epoch": best["epoch"], "force_mode": mode, "val": best["val"]}
+    recoveries = {"divergence_recoveries": state["divergence_recoveries"], "lr_scale": state["lr_scale"]}
     if subsets["test"]:
         test_data = PackedFrames(subsets["test"], model.config.cutoff, dtype, device)
         results["test"] = evaluate_by_cluster_size(model, test_data, config, mode)
@@ -538,6 +572,7 @@ def finish(run_dir: Path, config: TrainConfig, model: E2FormerV2, subsets, summa
         "training_config": config.to_dict(),
         "epochs_done": state["epoch"],
         "stopped_early": state["stopped_early"],
+        **recoveries,
     }
     weights_path, _ = save_model(model, run_dir / "model", metadata)
     overall = results.get("test", {}).get("overall")
@@ -546,7 +581,7 @@ def finish(run_dir: Path, config: TrainConfig, model: E2FormerV2, subsets, summa
             f"test ({overall['n_frames']} frames): E MAE {overall['energy_mae_meV_per_atom']:.3g} meV/atom, "
             f"F MAE {overall['force_mae_meV_per_A']:.4g} meV/Å; model written to {weights_path}"
         )
-    return {"epochs_done": state["epoch"], "finished": True, **results, "model": str(weights_path)}
+    return {"epochs_done": state["epoch"], "finished": True, **recoveries, **results, "model": str(weights_path)}
 
 
 def _truncate_log(path: Path, epochs: int) -> None:

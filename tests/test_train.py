@@ -5,19 +5,22 @@ model is a few-channel E2Former-V2, everything on the CPU.
 """
 
 import json
+import math
 from pathlib import Path
 
 import ase.io
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from emt_water import water_cluster
 from e2former_calc.checkpoint import load_model
 from e2former_calc.dataset import element_counts, fit_reference_energies, frame_id, frame_labels, load_frames, split_frames
 from e2former_calc.cli import main as cli_main
-from e2former_calc.train import LossConfig, TrainConfig, TrainingDiverged, load_config, loss_terms, train
+import e2former_calc.train as train_module
+from e2former_calc.train import LossConfig, TrainConfig, TrainingDiverged, load_config, loss_terms, train, warmup_cosine
 
 TINY_MODEL = dict(channels=8, num_blocks=1, num_heads=2, head_dim=4, cutoff=4.0, num_radial=6,
                   edge_hidden=8, avg_num_neighbors=4.0)
@@ -64,6 +67,31 @@ def make_config(data_files, run_dir, **changes) -> TrainConfig:
 
 def read_log(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_times(log):
+    return [{k: v for k, v in line.items() if k != "time_s"} for line in log]
+
+
+def blow_up(monkeypatch, epoch: int, times: float = math.inf) -> list[int]:
+    """Make the 0-based `epoch` diverge on its first `times` attempts: it trains as usual (model, EMA,
+    optimiser and scheduler move on), then the weights turn NaN and the real train_epoch raises
+    TrainingDiverged at its first batch. Returns the list of epochs attempted."""
+    real, attempts = train_module.train_epoch, []
+
+    def train_epoch(model, ema, optimizer, scheduler, data, config, index, mode):
+        attempts.append(index)
+        metrics = real(model, ema, optimizer, scheduler, data, config, index, mode)
+        if index == epoch and attempts.count(index) <= times:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.fill_(math.nan)
+            real(model, ema, optimizer, scheduler, data, config, index, mode)
+            raise AssertionError("NaN weights trained without diverging")
+        return metrics
+
+    monkeypatch.setattr(train_module, "train_epoch", train_epoch)
+    return attempts
 
 
 def test_reference_fit_recovers_known_element_energies():
@@ -142,9 +170,6 @@ def test_resume_continues_exactly(data_files, tmp_path):
         train(interrupted)  # a fresh start must not overwrite a run
     train(interrupted, resume=True)
 
-    def without_times(log):
-        return [{k: v for k, v in line.items() if k != "time_s"} for line in log]
-
     assert [line["mode"] for line in read_log(tmp_path / "straight")] == ["direct", "conservative"]
     assert without_times(read_log(tmp_path / "straight")) == without_times(read_log(tmp_path / "interrupted"))
     for name in ("checkpoint_latest.pt",):
@@ -167,14 +192,99 @@ def test_time_budget_stops_between_epochs_and_still_exports(data_files, tmp_path
 
 def test_nan_loss_stops_with_a_clear_error(data_files, tmp_path, capsys):
     config = make_config(data_files, tmp_path / "diverge", epochs=1, optimizer__lr=1e30, optimizer__max_grad_norm=None)
-    with pytest.raises(TrainingDiverged, match="non-finite training loss at epoch 1"):
-        train(config)
+    with pytest.raises(TrainingDiverged, match="non-finite training loss at epoch 1.*Divergence retries used: 2 of 2"):
+        train(config)  # the default 2 retries from the initial state, at lr scales 1/2 and 1/4, diverge as well
     assert not (tmp_path / "diverge" / "checkpoint_latest.pt").exists()
     # The command line reports it and exits with status 1 (config from YAML plus overrides).
     config_path = tmp_path / "diverge.yaml"
     config_path.write_text(json.dumps({**config.to_dict(), "run_dir": str(tmp_path / "diverge_cli")}))
     assert cli_main(["train", str(config_path), "--override", "optimizer.lr=1e30"]) == 1
     assert "non-finite training loss" in capsys.readouterr().err
+
+
+def test_divergence_in_the_first_epoch_redoes_it_from_the_initial_state_at_a_lower_lr(data_files, tmp_path, monkeypatch, capsys):
+    """Epoch 1 diverges once after a full epoch of updates: the rollback to the initial state and the halved
+    lr make the run identical to one started with half the lr."""
+    attempts = blow_up(monkeypatch, epoch=0, times=1)
+    summary = train(make_config(data_files, tmp_path / "recovered"))
+    assert attempts == [0, 0, 1]
+    assert "epoch 1/2 diverged: retry 1 of 2 from the state after epoch 0 with lr scale 0.5" in capsys.readouterr().out
+    assert summary["finished"] and (summary["divergence_recoveries"], summary["lr_scale"]) == (1, 0.5)
+    description = json.loads(Path(summary["model"]).with_suffix(".json").read_text())
+    assert description["metadata"]["divergence_recoveries"] == 1
+
+    monkeypatch.undo()
+    train(make_config(data_files, tmp_path / "half_lr", optimizer__lr=5e-3))
+    assert without_times(read_log(tmp_path / "recovered")) == without_times(read_log(tmp_path / "half_lr"))
+    a, b = (torch.load(tmp_path / run / "checkpoint_latest.pt", weights_only=True) for run in ("recovered", "half_lr"))
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert (a["lr_scale"], a["divergence_recoveries"]) == (0.5, 1)
+
+
+def test_recovery_from_the_latest_checkpoint_keeps_the_lower_lr_across_resume(data_files, tmp_path, monkeypatch):
+    """Epoch 2 diverges once: it is redone from checkpoint_latest.pt, and the rest of the run, resumed or
+    not, uses half the scheduled lr."""
+    config = make_config(data_files, tmp_path / "straight", epochs=3)
+    attempts = blow_up(monkeypatch, epoch=1, times=1)
+    summary = train(config)
+    assert attempts == [0, 1, 1, 2]
+    assert (summary["divergence_recoveries"], summary["lr_scale"]) == (1, 0.5)
+    log = read_log(tmp_path / "straight")
+    assert [line["epoch"] for line in log] == [1, 2, 3] and all(math.isfinite(line["val_loss"]) for line in log)
+    steps = math.ceil(len(json.loads((tmp_path / "straight" / "split.json").read_text())["train"]) / 2)
+    schedule = warmup_cosine(3 * steps, steps, config.optimizer.min_lr_ratio)
+    expected = [1e-2 * schedule(0), 0.5e-2 * schedule(steps), 0.5e-2 * schedule(2 * steps)]
+    assert [line["lr"] for line in log] == pytest.approx(expected)
+
+    interrupted = make_config(data_files, tmp_path / "interrupted", epochs=3)
+    attempts = blow_up(monkeypatch, epoch=1, times=1)
+    stopped = train(interrupted, stop_after_epochs=2)
+    assert attempts == [0, 1, 1] and not stopped["finished"]
+    assert (stopped["divergence_recoveries"], stopped["lr_scale"]) == (1, 0.5)
+    resumed = train(interrupted, resume=True)
+    assert attempts == [0, 1, 1, 2] and resumed["finished"]
+    assert (resumed["divergence_recoveries"], resumed["lr_scale"]) == (1, 0.5)
+    assert without_times(read_log(tmp_path / "interrupted")) == without_times(log)
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_divergence_beyond_the_retries_stops_with_a_clear_error(data_files, tmp_path, monkeypatch, retries):
+    config = make_config(data_files, tmp_path / "diverge", optimizer__divergence_retries=retries)
+    attempts = blow_up(monkeypatch, epoch=1)
+    message = f"non-finite training loss at epoch 2, batch 1 .*Divergence retries used: {retries} of {retries}"
+    with pytest.raises(TrainingDiverged, match=message):
+        train(config)
+    assert attempts == [0] + [1] * (retries + 1)
+    assert [line["epoch"] for line in read_log(tmp_path / "diverge")] == [1]
+    latest = torch.load(tmp_path / "diverge" / "checkpoint_latest.pt", weights_only=True)
+    assert (latest["epoch"], latest["lr_scale"], latest["divergence_recoveries"]) == (1, 1.0, 0)
+
+
+def test_divergence_settings_are_checked(data_files, tmp_path):
+    config = make_config(data_files, tmp_path)
+    assert (config.optimizer.divergence_retries, config.optimizer.divergence_lr_factor) == (2, 0.5)
+    assert make_config(data_files, tmp_path, optimizer__divergence_lr_factor="2.5e-1").optimizer.divergence_lr_factor == 0.25
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="optimizer.divergence_retries must be an integer >= 0"):
+            make_config(data_files, tmp_path, optimizer__divergence_retries=bad)
+    for bad in (0, 1, 2.0):
+        with pytest.raises(ValueError, match=r"optimizer.divergence_lr_factor must be in \(0, 1\)"):
+            make_config(data_files, tmp_path, optimizer__divergence_lr_factor=bad)
+
+
+def test_runs_from_before_divergence_retries_resume(data_files, tmp_path):
+    """A run whose config.yaml and checkpoint predate the divergence settings continues with their defaults."""
+    config = make_config(data_files, tmp_path / "old")
+    train(config, stop_after_epochs=1)
+    saved = yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())
+    del saved["optimizer"]["divergence_retries"], saved["optimizer"]["divergence_lr_factor"]
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    latest = torch.load(tmp_path / "old" / "checkpoint_latest.pt", weights_only=True)
+    del latest["lr_scale"], latest["divergence_recoveries"]
+    torch.save(latest, tmp_path / "old" / "checkpoint_latest.pt")
+    summary = train(config, resume=True)
+    assert summary["finished"] and (summary["divergence_recoveries"], summary["lr_scale"]) == (0, 1.0)
 
 
 def test_example_config_is_valid():
