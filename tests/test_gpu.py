@@ -129,13 +129,13 @@ def test_model_on_cuda_with_kernel_matches_cpu_reference(dtype):
         assert error < tolerance, f"{name}: relative error {error:.2e}"
 
 
-def shipped_model_with_zbl():
-    """The shipped water weights under a ZBL repulsion (the network unchanged)."""
+def shipped_weights(zbl: bool):
+    """The shipped water weights with the ZBL repulsion on or off (the network unchanged)."""
     from e2former_calc.checkpoint import load_model
     from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
 
     shipped = load_model("e2former-v2-water-s", "cpu", torch.float64)
-    model = E2FormerV2(E2FormerConfig.from_dict({**shipped.config.to_dict(), "zbl": True}))
+    model = E2FormerV2(E2FormerConfig.from_dict({**shipped.config.to_dict(), "zbl": zbl}))
     model.load_state_dict(shipped.state_dict())
     return model
 
@@ -151,7 +151,7 @@ def test_cuda_graph_calculator_matches_eager_along_a_trajectory(mode, zbl):
     from e2former_calc import E2FormerCalculator
     from e2former_calc.water import build_water_box
 
-    model = shipped_model_with_zbl() if zbl else "e2former-v2-water-s"
+    model = shipped_weights(zbl)
     eager = E2FormerCalculator(model, device="cuda", dtype="float64", mode=mode, skin=0.6)
     graphed = E2FormerCalculator(model, device="cuda", dtype="float64", mode=mode, skin=0.6, cuda_graph=True)
     atoms = build_water_box(27, seed=3)
