@@ -5,9 +5,9 @@ with the reference, and which are fastest.
     python -m benchmarks.kernel_configs --out DIR                  # GPU: correctness + timing, ~5 min
     TRITON_INTERPRET=1 python -m benchmarks.kernel_configs --smoke # CPU check of the GPU sweep's code path
 
-A configuration is (rows, warps): BLOCK_R consecutive (atom, head) rows per program and
-num_warps (``LaunchConfig``). Each kernel (forward, target-side backward, source-side backward)
-is swept on its own through the E2FORMER_ATTENTION_CONFIG override (``kernel=ROWSxWARPS``),
+A configuration is (rows, warps, edges): BLOCK_R consecutive (atom, head) rows per program,
+num_warps, and neighbour steps unrolled per loop iteration (``LaunchConfig``). Each kernel (forward, target-side backward, source-side backward)
+is swept on its own through the E2FORMER_ATTENTION_CONFIG override (``kernel=ROWSxWARPS[xEDGES]``),
 the other two keeping their defaults.
 
 --compile-only compiles every configuration for sm_90 on the CPU (Triton's own ptxas) and
@@ -48,25 +48,30 @@ SHAPES = [
     ("paper", 128, 8, 18, "direction", 8192, 32),
 ]
 SMOKE_SHAPES = [("smoke", 3, 4, 5, "inverse_distance", 24, 5), ("smoke", 3, 4, 5, "direction", 24, 5)]
-ROWS, WARPS = (16, 32, 64, 128), (2, 4, 8)
+ROWS, WARPS, EDGES_PER_STEP = (16, 32, 64, 128), (2, 4, 8), (1, 2, 4)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 KERNEL_FUNCTIONS = {"forward": "_forward_kernel", "target": "_backward_target_kernel", "source": "_backward_source_kernel"}
 
 
 def sweep_points(names, payload, value_dim, dtype):
-    """(kernel, LaunchConfig) pairs to sweep: ``ROWSxWARPS`` names and "default" (the table's
-    choice for this shape), or without names the full grid ROWS x WARPS."""
+    """(kernel, LaunchConfig) pairs to sweep: ``ROWSxWARPS[xEDGES]`` names and "default" (the table's
+    choice for this shape), or without names the full grid ROWS x WARPS x EDGES_PER_STEP."""
     block_v = triton.next_power_of_2(value_dim)
     for kernel in attention.KERNELS:
         default = attention._default_config(kernel, payload, block_v, torch.finfo(dtype).bits // 8)
-        grid = [attention.LaunchConfig(r, w) for r, w in itertools.product(ROWS, WARPS)]
+        grid = [attention.LaunchConfig(*knobs) for knobs in itertools.product(ROWS, WARPS, EDGES_PER_STEP)]
         for config in grid if not names else [
                 default if name == "default" else attention.LaunchConfig(*map(int, name.split("x"))) for name in names]:
             yield kernel, config
 
 
+def config_name(config):
+    """ROWSxWARPS, with xEDGES when more than one neighbour step is unrolled."""
+    return "x".join(map(str, config if config.edges_per_step > 1 else config[:2]))
+
+
 def override(kernel, config):
-    return f"{kernel}={config.block_rows}x{config.num_warps}"
+    return f"{kernel}={config_name(config)}"
 
 
 # ----------------------------------------------------------------------------- compile for sm_90 (no GPU)
@@ -139,11 +144,11 @@ def compile_sweep(shapes, dtypes, names):
             start = time.perf_counter()
             result, status = guarded(lambda: compile_for_sm90(kernel, args, meta))
             record = dict(shape=name, H=heads, D=head_dim, V=value_dim, payload=payload, dtype=str(dtype).split(".")[-1],
-                          kernel=kernel, rows=config.block_rows, warps=config.num_warps, status=status,
+                          kernel=kernel, rows=config.block_rows, warps=config.num_warps, edges=config.edges_per_step, status=status,
                           compile_s=time.perf_counter() - start, **(result or {}))
             records.append(record)
             detail = f"{record['registers']:3d} registers, {record['spill_bytes']:5d} B spilled" if result else status
-            print(f"{name:<12} {payload:<16} {record['dtype']:<7} {kernel:<7} {config.block_rows:>3}x{config.num_warps}: "
+            print(f"{name:<12} {payload:<16} {record['dtype']:<7} {kernel:<7} {config_name(config):>7}: "
                   f"{detail}", flush=True)
     return records
 
@@ -188,7 +193,8 @@ def timing_sweep(shapes, dtypes, names, smoke, budget_s, device):
         calls, status = guarded(lambda: kernel_calls(problem, payload)) if problem else (None, status)
         for kernel, config in sweep_points(names, payload, value_dim, dtype):
             record = dict(shape=name, H=heads, D=head_dim, V=value_dim, payload=payload, N=num_nodes, K=neighbours,
-                          dtype=str(dtype).split(".")[-1], kernel=kernel, rows=config.block_rows, warps=config.num_warps)
+                          dtype=str(dtype).split(".")[-1], kernel=kernel, rows=config.block_rows, warps=config.num_warps,
+                          edges=config.edges_per_step)
             if time.perf_counter() - started > budget_s:
                 records.append(dict(record, status="skipped: time budget"))
                 continue
@@ -205,7 +211,7 @@ def timing_sweep(shapes, dtypes, names, smoke, budget_s, device):
                     record.update(status=time_status, max_relative_error=error, **(timing or {}))
             records.append(record)
             detail = f"{record['mean_ms']:9.3f} ms (err {record['max_relative_error']:.0e})" if "mean_ms" in record else record["status"]
-            print(f"{name:<12} {payload:<16} {record['dtype']:<7} {kernel:<7} {config.block_rows:>3}x{config.num_warps}: "
+            print(f"{name:<12} {payload:<16} {record['dtype']:<7} {kernel:<7} {config_name(config):>7}: "
                   f"{detail}", flush=True)
         del problem, calls
         if device.type == "cuda":
@@ -227,10 +233,11 @@ def best_configs(records):
 def print_best(best):
     print("\nfastest configuration per (shape, payload, dtype, kernel):")
     for (shape, payload, dtype, kernel), r in sorted(best.items()):
-        print(f"  {shape:<12} {payload:<16} {dtype:<7} {kernel:<7} LaunchConfig({r['rows']}, {r['warps']})"
+        print(f"  {shape:<12} {payload:<16} {dtype:<7} {kernel:<7} LaunchConfig({r['rows']}, {r['warps']}, {r['edges']})"
               f"  {r['mean_ms']:.3f} ms")
     for (shape, payload, dtype), group in itertools.groupby(sorted(best), key=lambda key: key[:3]):
-        setting = ",".join(f"{key[3]}={best[key]['rows']}x{best[key]['warps']}" for key in group)
+        setting = ",".join(override(key[3], attention.LaunchConfig(best[key]["rows"], best[key]["warps"], best[key]["edges"]))
+                           for key in group)
         print(f"  {attention.CONFIG_ENV}={setting}   # {shape} {payload} {dtype}")
 
 
@@ -240,7 +247,7 @@ def main():
     parser.add_argument("--compile-only", action="store_true", help="compile for sm_90 on this machine, run nothing")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; configurations 16x4 and 32x2 unless --configs")
     parser.add_argument("--configs", nargs="*", default=None,
-                        help="ROWSxWARPS names and/or 'default' (default: rows 16..128 x warps 2, 4, 8)")
+                        help="ROWSxWARPS[xEDGES] names and/or 'default' (default: rows 16..128 x warps 2, 4, 8 x edges 1, 2, 4)")
     parser.add_argument("--shapes", nargs="*", default=None, help="shape names to sweep (default: all)")
     parser.add_argument("--dtypes", nargs="*", default=["float32"], choices=["float32", "float64"])
     parser.add_argument("--budget-s", type=float, default=420.0, help="start no new configuration after this")

@@ -26,8 +26,9 @@ BLOCK_R / H atoms, or part of one when H > BLOCK_R; any H works, rows past N * H
   (edges grouped by source, ``transpose_neighbors``). Recomputes P_e and accumulates d key and
   d value in registers. Deterministic, no atomics.
 
-Launch knobs (rows per program, warps) per kernel come from DEFAULT_CONFIGS, overridable with the
-environment variable E2FORMER_ATTENTION_CONFIG (``_launch_config``; ``16x8`` is the fallback).
+Launch knobs (rows per program, warps, neighbour steps unrolled per loop iteration) per kernel come
+from DEFAULT_CONFIGS, overridable with the environment variable E2FORMER_ATTENTION_CONFIG
+(``_launch_config``; ``16x8`` is the fallback).
 
 Backward algebra, per (edge e, head), with G_a = dOut[i, a, h, :], c_a = <G_a, v_j>,
 c = sum_a u_a c_a and Delta_i = sum_{a, v} dOut * Out (FlashAttention-2's row term):
@@ -196,6 +197,7 @@ def _forward_kernel(
     OUT, LSE,  # outputs: [N, A, H, V], [N, H]
     N, H, D, VD,
     DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    EDGES_PER_STEP: tl.constexpr,
 ):
     pair, atom, head, row_ok, row_start, degree = _tile_rows(ROW_PTR, N, H, BLOCK_R)
     q = _load_rows(Q, pair * D, row_ok, D, BLOCK_D)
@@ -207,24 +209,26 @@ def _forward_kernel(
     acc_y = tl.zeros([BLOCK_R, BLOCK_V], dtype=q.dtype)
     acc_z = tl.zeros([BLOCK_R, BLOCK_V], dtype=q.dtype)
     src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
-    for step in range(0, tl.max(degree, axis=0)):
-        valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp = _target_row_step(
-            K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
-            BLOCK_D, BLOCK_V)
+    for first in range(0, tl.max(degree, axis=0), EDGES_PER_STEP):
+        for offset in tl.static_range(EDGES_PER_STEP):  # unrolled: the steps' loads can be in flight together
+            step = first + offset
+            valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp = _target_row_step(
+                K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
+                BLOCK_D, BLOCK_V)
 
-        s = tl.where(valid, g * tl.sum(q * key, axis=1) * qk_scale + b, float("-inf"))
-        mu_new = tl.maximum(mu, s)
-        rescale = tl.exp(mu - mu_new)
-        w = tl.where(valid, p * tl.exp(s - mu_new), 0.0)
-        z = z * rescale + w
-        coefficient = w * phi * inverse  # P phi / |r| (unnormalised): times r_a for the direction
-        if DIRECTION:
-            acc_x = acc_x * rescale[:, None] + (coefficient * rx)[:, None] * val
-            acc_y = acc_y * rescale[:, None] + (coefficient * ry)[:, None] * val
-            acc_z = acc_z * rescale[:, None] + (coefficient * rz)[:, None] * val
-        else:
-            acc_x = acc_x * rescale[:, None] + coefficient[:, None] * val
-        mu = mu_new
+            s = tl.where(valid, g * tl.sum(q * key, axis=1) * qk_scale + b, float("-inf"))
+            mu_new = tl.maximum(mu, s)
+            rescale = tl.exp(mu - mu_new)
+            w = tl.where(valid, p * tl.exp(s - mu_new), 0.0)
+            z = z * rescale + w
+            coefficient = w * phi * inverse  # P phi / |r| (unnormalised): times r_a for the direction
+            if DIRECTION:
+                acc_x = acc_x * rescale[:, None] + (coefficient * rx)[:, None] * val
+                acc_y = acc_y * rescale[:, None] + (coefficient * ry)[:, None] * val
+                acc_z = acc_z * rescale[:, None] + (coefficient * rz)[:, None] * val
+            else:
+                acc_x = acc_x * rescale[:, None] + coefficient[:, None] * val
+            mu = mu_new
 
     out_offset = (atom * H * (3 if DIRECTION else 1) + head) * VD  # row a = 0; rows a are H * VD apart
     inverse_z = (1.0 / z)[:, None]
@@ -244,6 +248,7 @@ def _backward_target_kernel(
     DQ, DSCALE, DBIAS, DVW, DR_PER_HEAD,  # outputs: [N, H, D], 3 x [E, H], [E, H, 3]
     N, H, D, VD,
     DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    EDGES_PER_STEP: tl.constexpr,
 ):
     pair, atom, head, row_ok, row_start, degree = _tile_rows(ROW_PTR, N, H, BLOCK_R)
     q = _load_rows(Q, pair * D, row_ok, D, BLOCK_D)
@@ -262,42 +267,44 @@ def _backward_target_kernel(
 
     dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=q.dtype)
     src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
-    for step in range(0, tl.max(degree, axis=0)):
-        valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp = _target_row_step(
-            K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
-            BLOCK_D, BLOCK_V)
-        ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
+    for first in range(0, tl.max(degree, axis=0), EDGES_PER_STEP):
+        for offset in tl.static_range(EDGES_PER_STEP):  # unrolled: the steps' loads can be in flight together
+            step = first + offset
+            valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp = _target_row_step(
+                K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
+                BLOCK_D, BLOCK_V)
+            ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
 
-        qk = tl.sum(q * key, axis=1)
-        unenveloped = tl.where(valid, tl.exp(g * qk * qk_scale + b - lse), 0.0)  # P_e / p_e
-        prob = p * unenveloped
-        c_x = tl.sum(grad_x * val, axis=1)  # c_a = <dOut_a, v_j>
-        if DIRECTION:
-            c_y = tl.sum(grad_y * val, axis=1)
-            c_z = tl.sum(grad_z * val, axis=1)
-            c = ux * c_x + uy * c_y + uz * c_z
-        else:
-            c = c_x * inverse
-        d_logit = prob * (phi * c - delta)
-        tl.store(DSCALE + edge * H + head, d_logit * qk * qk_scale, mask=valid)
-        tl.store(DBIAS + edge * H + head, d_logit, mask=valid)
-        tl.store(DVW + edge * H + head, prob * c, mask=valid)
-        dq += (d_logit * g * qk_scale)[:, None] * key
+            qk = tl.sum(q * key, axis=1)
+            unenveloped = tl.where(valid, tl.exp(g * qk * qk_scale + b - lse), 0.0)  # P_e / p_e
+            prob = p * unenveloped
+            c_x = tl.sum(grad_x * val, axis=1)  # c_a = <dOut_a, v_j>
+            if DIRECTION:
+                c_y = tl.sum(grad_y * val, axis=1)
+                c_z = tl.sum(grad_z * val, axis=1)
+                c = ux * c_x + uy * c_y + uz * c_z
+            else:
+                c = c_x * inverse
+            d_logit = prob * (phi * c - delta)
+            tl.store(DSCALE + edge * H + head, d_logit * qk * qk_scale, mask=valid)
+            tl.store(DBIAS + edge * H + head, d_logit, mask=valid)
+            tl.store(DVW + edge * H + head, prob * c, mask=valid)
+            dq += (d_logit * g * qk_scale)[:, None] * key
 
-        d_distance = unenveloped * (phi * c - delta) * dp
-        if DIRECTION:  # d u_a = P phi c_a; d(r/|r|)/dr = (1 - r_hat r_hat^T) / |r|
-            weight = prob * phi
-            radial = weight * c
-            drx = d_distance * ux + (weight * c_x - ux * radial) * inverse
-            dry = d_distance * uy + (weight * c_y - uy * radial) * inverse
-            drz = d_distance * uz + (weight * c_z - uz * radial) * inverse
-        else:  # d(1/|r|)/dr = -r_hat / |r|^2
-            along = d_distance - prob * phi * c_x * inverse * inverse
-            drx, dry, drz = along * ux, along * uy, along * uz
-        d_r_offset = (edge * H + head) * 3
-        tl.store(DR_PER_HEAD + d_r_offset, drx, mask=valid)
-        tl.store(DR_PER_HEAD + d_r_offset + 1, dry, mask=valid)
-        tl.store(DR_PER_HEAD + d_r_offset + 2, drz, mask=valid)
+            d_distance = unenveloped * (phi * c - delta) * dp
+            if DIRECTION:  # d u_a = P phi c_a; d(r/|r|)/dr = (1 - r_hat r_hat^T) / |r|
+                weight = prob * phi
+                radial = weight * c
+                drx = d_distance * ux + (weight * c_x - ux * radial) * inverse
+                dry = d_distance * uy + (weight * c_y - uy * radial) * inverse
+                drz = d_distance * uz + (weight * c_z - uz * radial) * inverse
+            else:  # d(1/|r|)/dr = -r_hat / |r|^2
+                along = d_distance - prob * phi * c_x * inverse * inverse
+                drx, dry, drz = along * ux, along * uy, along * uz
+            d_r_offset = (edge * H + head) * 3
+            tl.store(DR_PER_HEAD + d_r_offset, drx, mask=valid)
+            tl.store(DR_PER_HEAD + d_r_offset + 1, dry, mask=valid)
+            tl.store(DR_PER_HEAD + d_r_offset + 2, drz, mask=valid)
 
     _store_rows(DQ, pair * D, row_ok, D, BLOCK_D, dq)
 
@@ -308,6 +315,7 @@ def _backward_source_kernel(
     DK, DV,  # outputs: [N, H, D], [N, H, V]
     N, H, D, VD,
     DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    EDGES_PER_STEP: tl.constexpr,
 ):
     pair, atom, head, row_ok, slot_start, degree = _tile_rows(COL_PTR, N, H, BLOCK_R)
     key = _load_rows(K, pair * D, row_ok, D, BLOCK_D)
@@ -317,32 +325,34 @@ def _backward_source_kernel(
     dv = tl.zeros([BLOCK_R, BLOCK_V], dtype=key.dtype)
     edge_next = tl.load(EDGE_OF_SLOT + slot_start, mask=degree > 0, other=0)
     tgt_next = tl.load(TARGET_OF_SLOT + slot_start, mask=degree > 0, other=0)
-    for step in range(0, tl.max(degree, axis=0)):
-        valid = step < degree
-        slot = slot_start + step
-        edge = edge_next.to(tl.int64)
-        tgt = tgt_next.to(tl.int64)
-        edge_next = tl.load(EDGE_OF_SLOT + slot + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
-        tgt_next = tl.load(TARGET_OF_SLOT + slot + 1, mask=step + 1 < degree, other=0)
-        q = _load_rows(Q, (tgt * H + head) * D, valid, D, BLOCK_D)
-        lse = tl.load(LSE + tgt * H + head, mask=valid, other=0.0)
-        g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
-        b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
-        phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
-        d_logit = tl.load(DBIAS + edge * H + head, mask=valid, other=0.0)  # written by the target kernel
-        rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
+    for first in range(0, tl.max(degree, axis=0), EDGES_PER_STEP):
+        for offset in tl.static_range(EDGES_PER_STEP):  # unrolled: the steps' loads can be in flight together
+            step = first + offset
+            valid = step < degree
+            slot = slot_start + step
+            edge = edge_next.to(tl.int64)
+            tgt = tgt_next.to(tl.int64)
+            edge_next = tl.load(EDGE_OF_SLOT + slot + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
+            tgt_next = tl.load(TARGET_OF_SLOT + slot + 1, mask=step + 1 < degree, other=0)
+            q = _load_rows(Q, (tgt * H + head) * D, valid, D, BLOCK_D)
+            lse = tl.load(LSE + tgt * H + head, mask=valid, other=0.0)
+            g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
+            b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
+            phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
+            d_logit = tl.load(DBIAS + edge * H + head, mask=valid, other=0.0)  # written by the target kernel
+            rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
 
-        prob = tl.where(valid, p * tl.exp(g * tl.sum(q * key, axis=1) * qk_scale + b - lse), 0.0)
-        weight = prob * phi * inverse  # times r_a for the direction payload, alone for 1/|r|
-        grad_offset = (tgt * H * (3 if DIRECTION else 1) + head) * VD  # dOut[tgt, a = 0, head]
-        grad_x = _load_rows(DOUT, grad_offset, valid, VD, BLOCK_V)
-        if DIRECTION:  # sum_a u_a dOut[a]; rows a are H * VD apart
-            grad_y = _load_rows(DOUT, grad_offset + H * VD, valid, VD, BLOCK_V)
-            grad_z = _load_rows(DOUT, grad_offset + 2 * H * VD, valid, VD, BLOCK_V)
-            dv += (weight * rx)[:, None] * grad_x + (weight * ry)[:, None] * grad_y + (weight * rz)[:, None] * grad_z
-        else:
-            dv += weight[:, None] * grad_x
-        dk += (d_logit * g * qk_scale)[:, None] * q
+            prob = tl.where(valid, p * tl.exp(g * tl.sum(q * key, axis=1) * qk_scale + b - lse), 0.0)
+            weight = prob * phi * inverse  # times r_a for the direction payload, alone for 1/|r|
+            grad_offset = (tgt * H * (3 if DIRECTION else 1) + head) * VD  # dOut[tgt, a = 0, head]
+            grad_x = _load_rows(DOUT, grad_offset, valid, VD, BLOCK_V)
+            if DIRECTION:  # sum_a u_a dOut[a]; rows a are H * VD apart
+                grad_y = _load_rows(DOUT, grad_offset + H * VD, valid, VD, BLOCK_V)
+                grad_z = _load_rows(DOUT, grad_offset + 2 * H * VD, valid, VD, BLOCK_V)
+                dv += (weight * rx)[:, None] * grad_x + (weight * ry)[:, None] * grad_y + (weight * rz)[:, None] * grad_z
+            else:
+                dv += weight[:, None] * grad_x
+            dk += (d_logit * g * qk_scale)[:, None] * q
 
     _store_rows(DK, pair * D, row_ok, D, BLOCK_D, dk)
     _store_rows(DV, pair * VD, row_ok, VD, BLOCK_V, dv)
@@ -352,14 +362,18 @@ def _backward_source_kernel(
 
 
 class LaunchConfig(NamedTuple):
-    """Launch knobs of one kernel: (atom, head) rows per program and warps per program.
+    """Launch knobs of one kernel: (atom, head) rows per program, warps per program, and neighbour
+    steps unrolled per loop iteration.
 
     There is no num_stages knob: these loops contain no tl.dot, so Triton 3.6 does not pipeline
-    them and emits the same PTX for every num_stages (checked for sm_90).
+    them and emits the same PTX for every num_stages (checked for sm_90). Unrolling is the manual
+    substitute: with `edges_per_step` > 1 the gathers of consecutive neighbour steps sit in one
+    basic block, where the compiler may issue them before the arithmetic of the first step.
     """
 
     block_rows: int
     num_warps: int
+    edges_per_step: int = 1
 
 
 KERNELS = ("forward", "target", "source")
@@ -388,13 +402,16 @@ def _default_config(kernel: str, payload: str, block_v: int, itemsize: int) -> L
 
 
 def _parse_config_override(text: str) -> dict:
-    """``ROWSxWARPS`` for all kernels, or ``forward=64x4,source=32x8`` per kernel -> {kernel: LaunchConfig}."""
+    """``ROWSxWARPS[xEDGES]`` for all kernels, or ``forward=64x4x2,source=32x8`` per kernel -> {kernel: LaunchConfig}."""
     overrides = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         kernel, _, spec = item.rpartition("=")
-        config = LaunchConfig(*(int(number) for number in spec.split("x")))
-        if config.block_rows & (config.block_rows - 1) or config.num_warps & (config.num_warps - 1):
-            raise ValueError(f"{CONFIG_ENV}: rows and warps must be powers of two, got {item!r}")
+        numbers = [int(number) for number in spec.split("x")]
+        if len(numbers) not in (2, 3):
+            raise ValueError(f"{CONFIG_ENV}: expected ROWSxWARPS or ROWSxWARPSxEDGES, got {item!r}")
+        config = LaunchConfig(*numbers)
+        if any(number < 1 or number & (number - 1) for number in config):
+            raise ValueError(f"{CONFIG_ENV}: rows, warps and edges per step must be powers of two, got {item!r}")
         for name in [kernel] if kernel else KERNELS:
             if name not in KERNELS:
                 raise ValueError(f"{CONFIG_ENV}: unknown kernel {name!r} (one of {KERNELS})")
@@ -406,14 +423,14 @@ def _launch_config(kernel, num_nodes, num_heads, head_dim, value_dim, payload, d
     """Grid (one program per BLOCK_R consecutive (atom, head) rows) and meta-parameters of a launch.
 
     The knobs come from DEFAULT_CONFIGS unless the environment variable E2FORMER_ATTENTION_CONFIG
-    overrides them, e.g. ``16x8`` (the fallback) for all kernels or ``target=16x8`` for one.
+    overrides them, e.g. ``16x8`` (the fallback) for all kernels or ``target=16x8x2`` for one.
     """
     block_v = triton.next_power_of_2(value_dim)
     config = _parse_config_override(os.environ.get(CONFIG_ENV, "")).get(kernel)
     config = config or _default_config(kernel, payload, block_v, torch.finfo(dtype).bits // 8)
     meta = dict(
         DIRECTION=payload == "direction", BLOCK_R=config.block_rows, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_V=block_v, num_warps=config.num_warps,
+        BLOCK_V=block_v, EDGES_PER_STEP=config.edges_per_step, num_warps=config.num_warps,
     )
     return (triton.cdiv(num_nodes * num_heads, config.block_rows),), meta
 

@@ -177,8 +177,13 @@ def test_config_override_parsing():
     }
     with pytest.raises(ValueError, match="unknown kernel"):
         _parse_config_override("backward=16x4")
+    assert _parse_config_override("target=16x8x4") == {"target": LaunchConfig(16, 8, 4)}
     with pytest.raises(ValueError, match="powers of two"):
         _parse_config_override("24x4")
+    with pytest.raises(ValueError, match="powers of two"):
+        _parse_config_override("16x4x3")
+    with pytest.raises(ValueError, match="ROWSxWARPS or ROWSxWARPSxEDGES"):
+        _parse_config_override("16")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -200,11 +205,11 @@ def test_default_table_covers_every_kernel_payload_and_precision():
 
 
 def test_config_environment_override_reaches_the_launch(monkeypatch):
-    monkeypatch.setenv(CONFIG_ENV, "source=128x2")
+    monkeypatch.setenv(CONFIG_ENV, "source=128x2x4")
     grid, meta = _launch_config("source", 100, 4, 8, 8, "direction", torch.float32)
-    assert (meta["BLOCK_R"], meta["num_warps"]) == (128, 2) and grid == (4,)
+    assert (meta["BLOCK_R"], meta["num_warps"], meta["EDGES_PER_STEP"]) == (128, 2, 4) and grid == (4,)
     _, meta = _launch_config("forward", 100, 4, 8, 8, "direction", torch.float32)  # not overridden: the default
-    assert (meta["BLOCK_R"], meta["num_warps"]) == _default_config("forward", "direction", 8, 4)
+    assert (meta["BLOCK_R"], meta["num_warps"], meta["EDGES_PER_STEP"]) == _default_config("forward", "direction", 8, 4)
 
 
 # ----------------------------------------------------------------------------- kernel (interpreter)
@@ -259,6 +264,8 @@ CONFIG_DEGREES = [0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 7, 2, 3]
         ("64x4", torch.float64, "direction"),  # several atoms (all their heads) per program
         ("32x2", torch.float64, "inverse_distance"),
         ("forward=64x4,target=16x2,source=128x8", torch.float32, "inverse_distance"),
+        ("32x4x2", torch.float64, "direction"),  # two neighbour steps per loop iteration
+        ("forward=16x8x4,target=64x4x2,source=32x2x4", torch.float64, "inverse_distance"),
     ],
 )
 def test_kernel_launch_configurations_match_reference(monkeypatch, override, dtype, payload):
