@@ -39,6 +39,7 @@ import ase.io
 import numpy as np
 import torch
 from ase import Atoms
+from ase.geometry import get_distances
 from tqdm import tqdm
 
 from e2former_calc import sampling
@@ -86,6 +87,23 @@ def broken_waters(snapshot: Atoms) -> list[int]:
     molecules = sampling.whole_molecules(snapshot, 0)
     bonds = np.linalg.norm(molecules[:, 1:] - molecules[:, :1], axis=-1)
     return [int(index) for index in np.flatnonzero((bonds >= MAX_OH_BOND).any(axis=-1))]
+
+
+def molecular_integrity(frames) -> dict:
+    """How molecular (O, H, H)-ordered periodic water frames stayed: the longest intramolecular O–H
+    (Å), the shortest O···H between different molecules (Å; minimum image) and the number of frames
+    holding a broken water (an O–H of MAX_OH_BOND or longer: see `broken_waters`)."""
+    longest, shortest, broken, count = 0.0, np.inf, 0, 0
+    for frame in frames:
+        molecules = sampling.whole_molecules(frame, 0)
+        bonds = np.linalg.norm(molecules[:, 1:] - molecules[:, :1], axis=-1)
+        longest, broken, count = max(longest, float(bonds.max())), broken + bool((bonds >= MAX_OH_BOND).any()), count + 1
+        _, distances = get_distances(molecules[:, 0], molecules[:, 1:].reshape(-1, 3), cell=frame.cell, pbc=frame.pbc)
+        own = np.repeat(np.arange(len(molecules)), 2)  # the molecule of each hydrogen
+        distances[own, np.arange(len(own))] = np.inf
+        shortest = min(shortest, float(distances.min()))
+    return {"frames": count, "longest_OH_bond_angstrom": longest, "shortest_intermolecular_OH_angstrom": shortest,
+            "frames_with_broken_water": broken}
 
 
 def defect_clusters(snapshots: list[Atoms], sizes: list[int]) -> list[Atoms]:

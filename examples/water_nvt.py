@@ -18,8 +18,9 @@ Writes to --output (default runs/water_nvt_quick or runs/water_nvt_full):
                                    sparser in equilibration; log lines every --trajectory-interval),
   rdf.csv, rdf_metrics.json, rdf.png   g_OO(r) of the production frames so far vs Skinner 2013,
   run.json                         settings, model, per-invocation timings, the ps done per
-                                   stage, temperatures, MD speed (ns/day) and whether the run
-                                   is complete.
+                                   stage, temperatures, MD speed (ns/day), whether the waters
+                                   stayed whole (molecular_integrity of the production frames)
+                                   and whether the run is complete.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ase.io import iread
 from ase.optimize import FIRE
 
 from e2former_calc import E2FormerCalculator
+from e2former_calc.active_learning import molecular_integrity
 from e2former_calc.calculator import md_acceleration
 from e2former_calc.checkpoint import PRETRAINED_DIR, registered_models
 from e2former_calc.cli import add_acceleration_arguments, rigid_tip3p_water
@@ -272,7 +274,7 @@ def _speed(invocations: list[dict], timestep_fs: float) -> dict:
 
 
 def _analyse(output: Path, args: argparse.Namespace, record: dict) -> None:
-    """g_OO(r) of the production frames written so far (needs at least two)."""
+    """g_OO(r) of the production frames written so far (needs at least two), and whether the waters stayed whole."""
     trajectory = output / "production" / "trajectory.extxyz"
     frames = list(iread(trajectory)) if trajectory.exists() and trajectory.stat().st_size else []
     if len(frames) < 2:
@@ -289,10 +291,14 @@ def _analyse(output: Path, args: argparse.Namespace, record: dict) -> None:
              label=f"{args.model}, {args.temperature:.0f} K, {production['ps_done']:.3g} ps")
     (output / "rdf_metrics.json").write_text(json.dumps(metrics, indent=1))
     record["rdf"] = {"frames": len(frames), "production_ps": production["ps_done"]}
+    record["molecular_integrity"] = integrity = molecular_integrity(frames)
     model = metrics["model"]
     print(f"g_OO(r) over {production['ps_done']:.3g} ps of production ({len(frames)} frames): first peak "
           f"{model['first_peak_position_angstrom']:.3f} Å, height {model['first_peak_height']:.2f}, "
           f"RMSE {metrics['rmse']:.3f} (2.5-{metrics['rmse_range_angstrom'][1]:.2f} Å)")
+    print(f"molecules: longest O-H {integrity['longest_OH_bond_angstrom']:.2f} Å, shortest O···H between molecules "
+          f"{integrity['shortest_intermolecular_OH_angstrom']:.2f} Å, {integrity['frames_with_broken_water']} frames "
+          "with a broken water")
 
 
 def _weights_sha256(model: str) -> str | None:

@@ -103,3 +103,18 @@ def test_defects_command_centres_clusters_on_the_broken_waters(trajectory, tmp_p
     # A window without a broken water writes nothing and says so.
     assert active_learning.main(["defects", str(trajectory), "--temperature", "300", "--last-step", "100",
                                  "--out", str(tmp_path / "none.extxyz")]) == 1
+
+
+def test_molecular_integrity_finds_stretched_bonds_and_close_contacts(trajectory):
+    frames = ase.io.read(trajectory, index=":")
+    intact = active_learning.molecular_integrity(frames[:2])
+    assert intact["frames"] == 2 and intact["frames_with_broken_water"] == 0
+    assert intact["longest_OH_bond_angstrom"] == pytest.approx(0.9572, abs=1e-6)  # the builder's rigid waters
+    assert 1.0 < intact["shortest_intermolecular_OH_angstrom"] < 3.0
+    assert active_learning.molecular_integrity(frames)["frames_with_broken_water"] == 1
+    # A hydrogen of water 1 moved to 0.8 Å from water 0's oxygen through the periodic boundary.
+    close = frames[0].copy()
+    close.positions[4] = close.positions[0] - [0.8, 0.0, 0.0] + [close.cell[0, 0], 0.0, 0.0]
+    found = active_learning.molecular_integrity([close])
+    assert found["shortest_intermolecular_OH_angstrom"] == pytest.approx(0.8, abs=1e-9)
+    assert found["frames_with_broken_water"] == 1  # that hydrogen left its own oxygen

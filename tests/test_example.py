@@ -58,6 +58,9 @@ def test_chunked_run_is_the_straight_run(example, tmp_path):
     assert (tmp_path / "chunked" / "rdf.csv").read_text() == (tmp_path / "straight" / "rdf.csv").read_text()
     metrics = json.loads((tmp_path / "chunked" / "rdf_metrics.json").read_text())
     assert metrics["production_ps"] == pytest.approx(0.004) and metrics["complete"]
+    integrity = straight["molecular_integrity"]  # rigid TIP3P: every O–H stays at 0.9572 Å
+    assert integrity["frames"] == 5 and integrity["frames_with_broken_water"] == 0
+    assert integrity["longest_OH_bond_angstrom"] == pytest.approx(0.9572, abs=1e-4)
 
 
 def test_production_continues_from_the_equilibrated_momenta(example, tmp_path):
