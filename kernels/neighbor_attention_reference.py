@@ -110,17 +110,25 @@ def neighbor_attention_reference(
     denominator = torch.exp(log_sink - shift).index_add(0, target_index, weight)  # [N, H]
     probability = weight / denominator[target_index]
 
-    # The weighted sum over each target's edges as one batched matmul over (target, head): the
+    # The weighted sum over each target's edges as one batched matmul over (head, target): the
     # edges of a target are padded to the largest degree K (padding slots carry coefficient 0 and
     # the values of atom 0), so no [E, A, H, V] message tensor and no scatter of one is formed.
+    # Values are gathered head-major, [H * N, K, V], so that neither the matmul nor its gradient
+    # needs the large gathered tensor transposed.
     degree = row_ptr[1:] - row_ptr[:-1]
     max_degree = int(degree.max()) if num_edges else 0  # a host sync on CUDA (training only)
+    width = u.shape[1]
     slot = torch.arange(num_edges, device=row_ptr.device) - row_ptr[target_index]  # [E] place in its row
     padded_source = source_index.new_zeros(num_nodes, max_degree).index_put((target_index, slot), source_index)
     coefficient = (probability * value_weight)[:, :, None] * u[:, None, :]  # [E, H, A]
-    padded_coefficient = coefficient.new_zeros(num_nodes, max_degree, num_heads, u.shape[1])
+    padded_coefficient = coefficient.new_zeros(num_nodes, max_degree, num_heads, width)
     padded_coefficient = padded_coefficient.index_put((target_index, slot), coefficient)  # [N, K, H, A]
-    # index_select rather than value[...]: its backward is an index_add, several times faster on the
-    # CPU than the accumulating index_put of advanced indexing.
-    padded_value = value.index_select(0, padded_source.reshape(-1)).view(num_nodes, max_degree, *value.shape[1:])
-    return torch.einsum("nkha,nkhv->nahv", padded_coefficient, padded_value)  # [N, A, H, V]
+    coefficient_by_head = padded_coefficient.permute(2, 0, 3, 1).reshape(num_heads * num_nodes, width, max_degree)
+    # index_select rather than [...] indexing: its backward is an index_add, several times faster on
+    # the CPU than the accumulating index_put of advanced indexing.
+    head_offset = torch.arange(num_heads, device=row_ptr.device)[:, None] * num_nodes
+    rows = (head_offset + padded_source.reshape(1, -1)).reshape(-1)  # row (h, j) of value_by_head per (h, i, k)
+    value_by_head = value.transpose(0, 1).reshape(num_heads * num_nodes, -1)  # [H * N, V]
+    gathered = value_by_head.index_select(0, rows).view(num_heads * num_nodes, max_degree, -1)  # [H * N, K, V]
+    out = torch.bmm(coefficient_by_head, gathered)  # [H * N, A, V]
+    return out.view(num_heads, num_nodes, width, -1).permute(1, 2, 0, 3).contiguous()  # [N, A, H, V]
