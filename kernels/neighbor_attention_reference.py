@@ -126,9 +126,11 @@ def neighbor_attention_reference(
     coefficient_by_head = padded_coefficient.permute(2, 0, 3, 1).reshape(num_heads * num_nodes, width, max_degree)
     # index_select rather than [...] indexing: its backward is an index_add, several times faster on
     # the CPU than the accumulating index_put of advanced indexing.
-    head_offset = torch.arange(num_heads, device=row_ptr.device)[:, None] * num_nodes
+    num_sources = value.shape[0]  # all atoms; the targets (query rows) may be a chunk of them
+    head_offset = torch.arange(num_heads, device=row_ptr.device)[:, None] * num_sources
     rows = (head_offset + padded_source.reshape(1, -1)).reshape(-1)  # row (h, j) of value_by_head per (h, i, k)
-    value_by_head = value.transpose(0, 1).reshape(num_heads * num_nodes, -1)  # [H * N, V]
-    gathered = value_by_head.index_select(0, rows).view(num_heads * num_nodes, max_degree, -1)  # [H * N, K, V]
+    value_width = value.shape[-1]
+    value_by_head = value.transpose(0, 1).reshape(num_heads * num_sources, value_width)  # [H * N_sources, V]
+    gathered = value_by_head.index_select(0, rows).view(num_heads * num_nodes, max_degree, value_width)  # [H * N, K, V]
     out = torch.bmm(coefficient_by_head, gathered)  # [H * N, A, V]
-    return out.view(num_heads, num_nodes, width, -1).permute(1, 2, 0, 3).contiguous()  # [N, A, H, V]
+    return out.view(num_heads, num_nodes, width, value_width).permute(1, 2, 0, 3).contiguous()  # [N, A, H, V]

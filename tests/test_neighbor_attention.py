@@ -109,6 +109,17 @@ def test_reference_matches_direct_formula(payload):
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
+def test_reference_targets_may_be_a_chunk_of_the_atoms(payload):
+    """Queries (and edges) of the first 4 targets only, keys and values of all 7 atoms: those rows of the whole."""
+    graph = random_graph([0, 3, 1, 4, 0, 2, 5], num_heads=3, head_dim=5, value_dim=4, seed=3)
+    whole = call(neighbor_attention_reference, graph, payload=payload)
+    edges = int(graph["row_ptr"][4])
+    chunk = dict(graph, query=graph["query"][:4], row_ptr=graph["row_ptr"][:5], source_index=graph["source_index"][:edges],
+                 **{name: graph[name][:edges] for name in ("edge_vector", "logit_scale", "logit_bias", "value_weight")})
+    torch.testing.assert_close(call(neighbor_attention_reference, chunk, payload=payload), whole[:4], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
 def test_reference_gradcheck_and_gradgradcheck(payload):
     graph = random_graph([2, 0, 3, 1], num_heads=2, head_dim=3, value_dim=2, seed=2)
     inputs = tuple(graph[name].requires_grad_() for name in FLOAT_INPUTS)
