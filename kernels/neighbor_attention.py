@@ -211,9 +211,8 @@ def _forward_kernel(
     src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
     for first in range(0, tl.max(degree, axis=0), EDGES_PER_STEP):
         for offset in tl.static_range(EDGES_PER_STEP):  # unrolled: the steps' loads can be in flight together
-            step = first + offset
             valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp = _target_row_step(
-                K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
+                K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, first + offset, head, H, D, VD, cutoff,
                 BLOCK_D, BLOCK_V)
 
             s = tl.where(valid, g * tl.sum(q * key, axis=1) * qk_scale + b, float("-inf"))
@@ -269,9 +268,8 @@ def _backward_target_kernel(
     src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
     for first in range(0, tl.max(degree, axis=0), EDGES_PER_STEP):
         for offset in tl.static_range(EDGES_PER_STEP):  # unrolled: the steps' loads can be in flight together
-            step = first + offset
             valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp = _target_row_step(
-                K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
+                K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, first + offset, head, H, D, VD, cutoff,
                 BLOCK_D, BLOCK_V)
             ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
 
