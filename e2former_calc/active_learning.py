@@ -60,10 +60,14 @@ def trajectory_snapshots(path: Path, temperature: float, seed: int, skip: int) -
     return snapshots
 
 
+def oh_bonds(molecules: np.ndarray) -> np.ndarray:
+    """[n, 2] O–H bond lengths (Å) of whole molecules [n, 3, 3] (O, H, H; `sampling.whole_molecules`)."""
+    return np.linalg.norm(molecules[:, 1:] - molecules[:, :1], axis=-1)
+
+
 def intact(cluster: Atoms) -> bool:
     """Every water of the (O, H, H)-ordered cluster has both O–H bonds shorter than MAX_OH_BOND."""
-    molecules = cluster.positions.reshape(-1, sampling.ATOMS_PER_WATER, 3)
-    bonds = np.linalg.norm(molecules[:, 1:] - molecules[:, :1], axis=-1)
+    bonds = oh_bonds(cluster.positions.reshape(-1, sampling.ATOMS_PER_WATER, 3))
     return bool((bonds < MAX_OH_BOND).all())
 
 
@@ -84,8 +88,7 @@ def carve_candidates(snapshots: list[Atoms], per_frame: int, min_waters: int, ma
 def broken_waters(snapshot: Atoms) -> list[int]:
     """Molecule indices of the (O, H, H)-ordered `snapshot` whose O–H bonds (minimum image) are not all
     shorter than MAX_OH_BOND."""
-    molecules = sampling.whole_molecules(snapshot, 0)
-    bonds = np.linalg.norm(molecules[:, 1:] - molecules[:, :1], axis=-1)
+    bonds = oh_bonds(sampling.whole_molecules(snapshot, 0))
     return [int(index) for index in np.flatnonzero((bonds >= MAX_OH_BOND).any(axis=-1))]
 
 
@@ -96,7 +99,7 @@ def molecular_integrity(frames) -> dict:
     longest, shortest, broken, count = 0.0, np.inf, 0, 0
     for frame in frames:
         molecules = sampling.whole_molecules(frame, 0)
-        bonds = np.linalg.norm(molecules[:, 1:] - molecules[:, :1], axis=-1)
+        bonds = oh_bonds(molecules)
         longest, broken, count = max(longest, float(bonds.max())), broken + bool((bonds >= MAX_OH_BOND).any()), count + 1
         _, distances = get_distances(molecules[:, 0], molecules[:, 1:].reshape(-1, 3), cell=frame.cell, pbc=frame.pbc)
         own = np.repeat(np.arange(len(molecules)), 2)  # the molecule of each hydrogen

@@ -483,8 +483,9 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
         _restore_training_state(saved, state["lr_scale"], config.optimizer.lr, model, ema, optimizer, scheduler, device)
         _truncate_log(run_dir / "metrics.jsonl", state["epoch"])
         tqdm.write(f"resuming {run_dir} after epoch {state['epoch']}")
-    # A divergence before the first checkpoint rolls back to this copy of the initial state.
-    initial_state = copy.deepcopy(_training_state(state, model, ema, optimizer, scheduler, device))
+    # A divergence before the first checkpoint rolls back to this copy of the initial state (a resumed
+    # run always has a checkpoint).
+    initial_state = None if resume else copy.deepcopy(_training_state(state, model, ema, optimizer, scheduler, device))
 
     tqdm.write(
         f"{summary['split_sizes']} frames; reference energies {summary['reference_energies_eV']} eV "
@@ -548,8 +549,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
                 tqdm.write(f"time budget: another epoch would overrun max_minutes={config.max_minutes}; finishing now")
         if stop_after_epochs is not None and epochs_this_run >= stop_after_epochs and state["epoch"] < config.epochs:
             tqdm.write(f"stopping after {epochs_this_run} epochs as asked; continue with --resume")
-            return {"epochs_done": state["epoch"], "finished": False,
-                    "divergence_recoveries": state["divergence_recoveries"], "lr_scale": state["lr_scale"]}
+            return {"epochs_done": state["epoch"], "finished": False, **_recoveries(state)}
 
     return finish(run_dir, config, ema.model, subsets, summary, state)
 
@@ -561,7 +561,6 @@ def finish(run_dir: Path, config: TrainConfig, model: E2FormerV2, subsets, summa
     mode = best["mode"]
     device, dtype = model.reference_energy.device, model.reference_energy.dtype
     results = {"best_epoch": best["epoch"], "force_mode": mode, "val": best["val"]}
-    recoveries = {"divergence_recoveries": state["divergence_recoveries"], "lr_scale": state["lr_scale"]}
     if subsets["test"]:
         test_data = PackedFrames(subsets["test"], model.config.cutoff, dtype, device)
         results["test"] = evaluate_by_cluster_size(model, test_data, config, mode)
@@ -572,7 +571,7 @@ def finish(run_dir: Path, config: TrainConfig, model: E2FormerV2, subsets, summa
         "training_config": config.to_dict(),
         "epochs_done": state["epoch"],
         "stopped_early": state["stopped_early"],
-        **recoveries,
+        **_recoveries(state),
     }
     weights_path, _ = save_model(model, run_dir / "model", metadata)
     overall = results.get("test", {}).get("overall")
@@ -581,7 +580,12 @@ def finish(run_dir: Path, config: TrainConfig, model: E2FormerV2, subsets, summa
             f"test ({overall['n_frames']} frames): E MAE {overall['energy_mae_meV_per_atom']:.3g} meV/atom, "
             f"F MAE {overall['force_mae_meV_per_A']:.4g} meV/Å; model written to {weights_path}"
         )
-    return {"epochs_done": state["epoch"], "finished": True, **recoveries, **results, "model": str(weights_path)}
+    return {"epochs_done": state["epoch"], "finished": True, **_recoveries(state), **results, "model": str(weights_path)}
+
+
+def _recoveries(state: dict) -> dict:
+    """The run's divergence recoveries and the lr scale they left (summary and model metadata)."""
+    return {key: state[key] for key in ("divergence_recoveries", "lr_scale")}
 
 
 def _truncate_log(path: Path, epochs: int) -> None:

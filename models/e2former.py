@@ -453,6 +453,10 @@ class E2FormerV2(nn.Module):
             raise ValueError(f"elements with atomic numbers {bad} are not supported; this model knows {list(self.config.species)}")
         return index
 
+    def species_pairs(self, graph: AtomicGraph, species: torch.Tensor) -> torch.Tensor:
+        """[E] index of each edge's (target, source) species pair: target * S + source."""
+        return species[graph.target_index] * len(self.config.species) + species[graph.source_index]
+
     def node_features(self, graph: AtomicGraph, positions=None, edge_vector=None, create_graph=False):
         """[N, (L+1)^2, C] final (normed) node features and [N] species index."""
         cfg = self.config
@@ -461,7 +465,7 @@ class E2FormerV2(nn.Module):
         species = self.species_index(graph.atomic_numbers)
         distance = edge_vector.norm(dim=-1)
         radial_basis = self.radial_basis(distance)
-        species_pair = species[graph.target_index] * len(cfg.species) + species[graph.source_index]
+        species_pair = self.species_pairs(graph, species)
 
         # Large systems go through the network in chunks of target atoms, so that edge-sized
         # temporaries exist for one chunk at a time: without autograd (direct forces, energies), and
@@ -595,7 +599,6 @@ class E2FormerV2(nn.Module):
 
     def repulsion_energies(self, graph: AtomicGraph, edge_vector: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         """[N] per-atom shares (eV) of the ZBL pair repulsion: half of each pair to either atom."""
-        species_pair = species[graph.target_index] * len(self.config.species) + species[graph.source_index]
-        pair = self.repulsion(edge_vector.norm(dim=-1), species_pair)
+        pair = self.repulsion(edge_vector.norm(dim=-1), self.species_pairs(graph, species))
         return edge_vector.new_zeros(graph.num_atoms).index_add(0, graph.target_index, 0.5 * pair)
 
