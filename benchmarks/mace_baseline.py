@@ -49,7 +49,7 @@ from e2former_calc.dataset import (
     frame_labels,
     load_frames,
 )
-from e2former_calc.evaluate import metrics_by_cluster_size
+from e2former_calc.evaluate import metrics_by_size_and_source
 from e2former_calc.train import load_config, training_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,11 +282,11 @@ def predict(model_path: Path, splits: tuple[str, ...], threads: int) -> dict:
 
 
 def metrics_for(frames: list[Atoms], prediction: dict, loss) -> dict:
-    """Our metric definitions (e2former_calc.evaluate), overall and per cluster size, with our training loss."""
+    """Our metric definitions (e2former_calc.evaluate), overall, per cluster size and per source, with our training loss."""
     energy_error = torch.tensor([p - frame_labels(a)[0] for p, a in zip(prediction["energy"], frames, strict=True)], dtype=torch.float64)
     force_error = torch.cat([torch.tensor(p, dtype=torch.float64) - torch.as_tensor(frame_labels(a)[1])
                              for p, a in zip(prediction["forces"], frames)])
-    return metrics_by_cluster_size(frames, energy_error, force_error, training_loss(loss))
+    return metrics_by_size_and_source(frames, energy_error, force_error, training_loss(loss))
 
 
 def versions() -> dict:

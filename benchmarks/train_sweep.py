@@ -40,11 +40,12 @@ the printed table shows them only after it, marked as such.
 Summary (--out, default RUNS_DIR/summary.json; the format of benchmarks/results/water_training_h200.json):
 
     what, date, commit, command, python, torch, device    (benchmarks.common.environment)
-    data       data paths, split seed, group_by and split sizes (frames) from a run's config.yaml and split.json
+    data       data paths, split seed, group_by, stratify_by and split sizes (frames) from a run's config.yaml
+               and split.json
     sweep, base, common, recipes (name -> its own overrides), train_command, selection
     chosen     name of the chosen recipe (null if none finished)
     runs       name -> epochs_done, train_minutes (sum of the epoch times in metrics.jsonl), and either
-               best_epoch, force_mode, val, test {overall, per_cluster_size} (test_metrics.json) and
+               best_epoch, force_mode, val, test {overall, per_cluster_size, per_source} (test_metrics.json) and
                selection_score, or failed (the reason) and log_tail (the last lines of RUNS_DIR/NAME.log)
 
 Exit status: 0 when every recipe finished, 1 otherwise (the summary is written either way).
@@ -197,12 +198,13 @@ def run_record(run_dir: Path, log_path: Path, return_code: int | None) -> dict:
 
 
 def data_record(run_dirs: list[Path]) -> dict | None:
-    """Data paths, split seed, group_by and split sizes (frames) of the first run that recorded its split."""
+    """Data paths, split seed, group_by, stratify_by and split sizes (frames) of the first run that recorded its split."""
     for run_dir in run_dirs:
         if (run_dir / "config.yaml").exists() and (run_dir / "split.json").exists():
             config = yaml.safe_load((run_dir / "config.yaml").read_text())
             split = json.loads((run_dir / "split.json").read_text())
             return {"paths": config["data"]["paths"], "split_seed": split["seed"], "group_by": split["group_by"],
+                    "stratify_by": split.get("stratify_by"),  # absent from split.json files before stratification
                     "split_sizes": {name: len(split[name]) for name in ("train", "val", "test")}}
     return None
 

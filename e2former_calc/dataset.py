@@ -7,7 +7,9 @@ A frame is one configuration with its DFT labels: an `ase.Atoms` whose `calc.res
 
 Splits are made over groups of frames, never single frames, when `group_by` names provenance keys:
 clusters carved from the same liquid snapshot share molecules, and putting them on both sides of
-the split would leak the test set into training.
+the split would leak the test set into training. With `stratify_by` (an info key such as "source"),
+every stratum is held out in proportion to its size, and a stratum too small to spare whole groups
+(five frames of one failed MD run) stays in training rather than filling the test set on its own.
 
 `PackedFrames` builds the neighbour lists of a whole split once and keeps them on the device; a
 batch is then a gather of contiguous atom and edge ranges, with no neighbour search per epoch.
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import math
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import ase.io
@@ -85,14 +89,30 @@ def load_frames(patterns: list[str]) -> list[Atoms]:
 
 
 def split_frames(
-    frames: list[Atoms], val_fraction: float, test_fraction: float, seed: int, group_by: list[str]
+    frames: list[Atoms],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    group_by: list[str],
+    stratify_by: str | None = None,
 ) -> dict[str, list[int]]:
     """Disjoint train/val/test index lists over `frames`, drawn by group.
 
     A frame's group is the tuple of its `info[key]` for `key` in `group_by`, or its own frame id
     when `group_by` is empty or a key is missing. Groups are ordered by a hash of their key (not by
-    file order) and shuffled with `seed`; then test, then validation take whole groups until they
-    hold at least their fraction of the frames, and training takes the rest. Each list is sorted.
+    file order) and shuffled with `seed`; then, group by group in that order, test and then
+    validation take whole groups, and training takes the rest. Each list is sorted.
+
+    Without `stratify_by`, test and validation take groups until they hold at least their fraction
+    of all frames (the last group may overshoot it); this rule is kept so recorded splits reproduce.
+
+    With `stratify_by`, a frame's stratum is `str(info.get(stratify_by))` ("None" for frames without
+    the key). Test (validation) takes a group only if it then holds at most
+    floor(test_fraction (val_fraction) x stratum size) frames of every stratum the group touches;
+    groups that fit nowhere go to training. So each stratum is held out in proportion, never above
+    its fraction, and a stratum too small for that (one group, or fewer frames than 1 / fraction)
+    trains entirely. Groups stay whole even when they span strata (dimers carved from a liquid
+    snapshot): such a group must fit the budgets of all its strata.
     """
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
         raise ValueError(f"need 0 <= val_fraction, test_fraction and a sum < 1; got {val_fraction}, {test_fraction}")
@@ -107,10 +127,24 @@ def split_frames(
     order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
 
     split = {"train": [], "val": [], "test": []}
-    targets = {"test": test_fraction * len(frames), "val": val_fraction * len(frames)}
+    fractions = {"test": test_fraction, "val": val_fraction}
+    stratum = [str(atoms.info.get(stratify_by)) for atoms in frames] if stratify_by is not None else [""] * len(frames)
+    stratum_sizes = Counter(stratum)
+    taken = {name: Counter() for name in split}  # frames per stratum in each subset so far
+
+    def takes(name: str, group_strata: Counter) -> bool:
+        """Whether held-out subset `name` takes a group with `group_strata` frames per stratum."""
+        if stratify_by is None:
+            return len(split[name]) < fractions[name] * len(frames)
+        # at most floor(fraction x stratum size) frames of each stratum (+1e-9: 0.29 * 100 is 28.999...)
+        return all(taken[name][s] + count <= math.floor(fractions[name] * stratum_sizes[s] + 1e-9)
+                   for s, count in group_strata.items())
+
     for key in order:
-        name = next((name for name in ("test", "val") if len(split[name]) < targets[name]), "train")
+        group_strata = Counter(stratum[k] for k in groups[key])
+        name = next((name for name in ("test", "val") if takes(name, group_strata)), "train")
         split[name].extend(groups[key])
+        taken[name].update(group_strata)
     return {name: sorted(indices) for name, indices in split.items()}
 
 

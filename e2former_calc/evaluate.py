@@ -5,7 +5,8 @@
         --split runs/water_small/split.json --subset test --output test.json --plot test.png
 
 Energies are compared per atom (meV/atom), forces per Cartesian component (meV/Å); both as MAE and
-RMSE, over all frames and per cluster size ("5 waters", or "7 atoms" for a frame that is not (H2O)n).
+RMSE, over all frames, per cluster size ("5 waters", or "7 atoms" for a frame that is not (H2O)n) and,
+when the frames record one, per `info["source"]` ("dimer", "md-failure", ...).
 The frames of one split of a training run are chosen by the frame ids its split.json recorded.
 """
 
@@ -57,18 +58,31 @@ def size_label(atoms) -> str:
     return f"{waters} waters" if waters > 0 else f"{len(atoms)} atoms"
 
 
-def metrics_by_cluster_size(frames, energy_error, force_error, loss: LossFunction | None = None) -> dict:
-    """{"overall": error_metrics, "per_cluster_size": {"5 waters": error_metrics, ...}} of `frames`,
-    whose energy errors are [S] and force errors [N, 3] (atoms in frame order)."""
+def metrics_by_size_and_source(frames, energy_error, force_error, loss: LossFunction | None = None) -> dict:
+    """{"overall": error_metrics, "per_cluster_size": {"5 waters": error_metrics, ...},
+    "per_source": {"dimer": error_metrics, ...}} of `frames`, whose energy errors are [S] (eV) and
+    force errors [N, 3] (eV/Å, atoms in frame order). "per_source" groups the frames by
+    `info["source"]` ("unknown" for frames without one) and is left out when no frame has a source."""
     n_atoms = torch.tensor([len(atoms) for atoms in frames])
     frame_of_atom = torch.repeat_interleave(torch.arange(len(frames)), n_atoms)
-    labels = [size_label(atoms) for atoms in frames]
-    per_size = {}
-    for label in sorted(set(labels), key=lambda text: (text.split()[1], int(text.split()[0]))):
-        chosen = torch.tensor([k for k, other in enumerate(labels) if other == label])
-        atoms = torch.isin(frame_of_atom, chosen)
-        per_size[label] = error_metrics(energy_error[chosen], force_error[atoms], n_atoms[chosen], loss)
-    return {"overall": error_metrics(energy_error, force_error, n_atoms, loss), "per_cluster_size": per_size}
+
+    def per_label(labels: list[str], order: Callable[[str], object]) -> dict:
+        """error_metrics of the frames of each distinct label, labels sorted by `order`."""
+        metrics = {}
+        for label in sorted(set(labels), key=order):
+            chosen = torch.tensor([k for k, other in enumerate(labels) if other == label])
+            atoms = torch.isin(frame_of_atom, chosen)
+            metrics[label] = error_metrics(energy_error[chosen], force_error[atoms], n_atoms[chosen], loss)
+        return metrics
+
+    results = {
+        "overall": error_metrics(energy_error, force_error, n_atoms, loss),
+        "per_cluster_size": per_label([size_label(atoms) for atoms in frames],
+                                      order=lambda text: (text.split()[1], int(text.split()[0]))),
+    }
+    if any("source" in atoms.info for atoms in frames):
+        results["per_source"] = per_label([str(atoms.info.get("source", "unknown")) for atoms in frames], order=str)
+    return results
 
 
 def frames_of_split(frames, split_path: Path, subset: str) -> list:
@@ -108,6 +122,13 @@ def plot_parity(path: Path, data: PackedFrames, energy_error, force_error, title
     figure.savefig(path, dpi=150)
 
 
+def table_row(label: str, metrics: dict) -> str:
+    """One row of the `e2former evaluate` table: frames, energy MAE/RMSE (meV/atom), force MAE/RMSE (meV/Å)."""
+    return (f"{label:>16} {metrics['n_frames']:>6} {metrics['energy_mae_meV_per_atom']:>8.3f} "
+            f"{metrics['energy_rmse_meV_per_atom']:>8.3f} {metrics['force_mae_meV_per_A']:>8.2f} "
+            f"{metrics['force_rmse_meV_per_A']:>8.2f}")
+
+
 def run(arguments: argparse.Namespace) -> int:
     """`e2former evaluate` (arguments declared in e2former_calc.cli, which stays torch-free)."""
     from e2former_calc.checkpoint import load_model
@@ -122,14 +143,16 @@ def run(arguments: argparse.Namespace) -> int:
                          f"{arguments.model} does not know (it knows {', '.join(chemical_symbols[z] for z in model.config.species)})")
     data = PackedFrames(frames, model.config.cutoff, model.reference_energy.dtype, model.reference_energy.device)
     energy_error, force_error = predict_errors(model, data, arguments.batch_size, arguments.mode)
-    results = metrics_by_cluster_size(frames, energy_error, force_error)
+    results = metrics_by_size_and_source(frames, energy_error, force_error)
     what = f"{arguments.model} on {len(frames)} frames" + (f" ({arguments.subset} of {arguments.split})" if arguments.split else "")
     print(f"{what}, {arguments.mode} forces, {arguments.dtype}")
-    print(f"{'':>12} {'frames':>6} {'E MAE':>8} {'E RMSE':>8} {'F MAE':>8} {'F RMSE':>8}   (meV/atom, meV/Å)")
+    print(f"{'':>16} {'frames':>6} {'E MAE':>8} {'E RMSE':>8} {'F MAE':>8} {'F RMSE':>8}   (meV/atom, meV/Å)")
     for label, metrics in [("overall", results["overall"]), *results["per_cluster_size"].items()]:
-        print(f"{label:>12} {metrics['n_frames']:>6} {metrics['energy_mae_meV_per_atom']:>8.3f} "
-              f"{metrics['energy_rmse_meV_per_atom']:>8.3f} {metrics['force_mae_meV_per_A']:>8.2f} "
-              f"{metrics['force_rmse_meV_per_A']:>8.2f}")
+        print(table_row(label, metrics))
+    if "per_source" in results:
+        print()
+        for label, metrics in results["per_source"].items():
+            print(table_row(label, metrics))
     if arguments.output is not None:
         record = {"model": str(arguments.model), "data": arguments.data, "split": str(arguments.split) if arguments.split else None,
                   "subset": arguments.subset if arguments.split else None, "mode": arguments.mode, "dtype": arguments.dtype,

@@ -2,7 +2,8 @@
 
 The recipe, top to bottom:
 
-    frames = load_frames(data.paths); split by provenance group into train / val / test (seeded)
+    frames = load_frames(data.paths); split by provenance group into train / val / test (seeded),
+        each data.stratify_by value (e.g. source) held out in proportion when set
     reference energies e_Z = least squares of E ~ counts @ e on train; energy_scale from the residuals
     for epoch in range(epochs):
         mode = "direct" for the first direct_force_epochs (force head), then "conservative" (F = -dE/dr)
@@ -10,7 +11,7 @@ The recipe, top to bottom:
         a non-finite loss rolls back to the last good epoch and redoes it with the lr scaled down (below)
         EMA of the weights after every step; validate the EMA model; checkpoint latest (+ best)
         early stopping on the validation loss (conservative phase only)
-    test split (never seen before): metrics overall and per cluster size; export the best EMA model
+    test split (never seen before): metrics overall, per cluster size and per source; export the best EMA model
 
 Run directory (``run_dir``):
 
@@ -64,7 +65,7 @@ from e2former_calc.dataset import (
     load_frames,
     split_frames,
 )
-from e2former_calc.evaluate import error_metrics, metrics_by_cluster_size, predict_errors, size_label
+from e2former_calc.evaluate import error_metrics, metrics_by_size_and_source, predict_errors, size_label
 from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
 
 PRESETS = {"paper": E2FormerConfig, "water_small": E2FormerConfig.water_small}
@@ -82,6 +83,8 @@ class DataConfig:
     test_fraction: float = 0.1
     split_seed: int = 0
     group_by: list[str] = field(default_factory=list)  # info keys whose frames stay in one split
+    # info key (e.g. "source") whose every value is held out in proportion; None: no stratification
+    stratify_by: str | None = None
 
 
 @dataclass
@@ -310,10 +313,10 @@ def evaluate(model, data: PackedFrames, config: TrainConfig, mode: str) -> dict:
     return error_metrics(energy_error, force_error, data.n_atoms.cpu(), training_loss(config.loss.for_mode(mode)))
 
 
-def evaluate_by_cluster_size(model, data: PackedFrames, config: TrainConfig, mode: str) -> dict:
-    """{"overall": metrics, "per_cluster_size": {"5 waters": metrics, ...}} (the test split)."""
+def evaluate_by_size_and_source(model, data: PackedFrames, config: TrainConfig, mode: str) -> dict:
+    """{"overall": metrics, "per_cluster_size": {"5 waters": metrics, ...}, "per_source": {...}} (the test split)."""
     energy_error, force_error = predict_errors(model, data, config.eval_batch_size, mode)
-    return metrics_by_cluster_size(data.frames, energy_error, force_error, training_loss(config.loss.for_mode(mode)))
+    return metrics_by_size_and_source(data.frames, energy_error, force_error, training_loss(config.loss.for_mode(mode)))
 
 
 # ----------------------------------------------------------------------------- data and model
@@ -358,11 +361,13 @@ def record_split(run_dir: Path, frames, split, config: TrainConfig, resume: bool
     record = {
         "seed": config.data.split_seed,
         "group_by": config.data.group_by,
+        "stratify_by": config.data.stratify_by,
         **{name: [frames[k].info["frame_id"] for k in indices] for name, indices in split.items()},
     }
     path = run_dir / "split.json"
     if resume:
-        if json.loads(path.read_text()) != record:
+        recorded = {"stratify_by": None, **json.loads(path.read_text())}  # older split.json files lack the key
+        if recorded != record:
             raise ValueError(f"the data no longer split as recorded in {path}: the files changed; start a new run_dir")
     else:
         _write_atomically(path, json.dumps(record, indent=1))
@@ -449,7 +454,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
     record_config(run_dir, config, resume)
 
     frames = load_frames(config.data.paths)
-    split = split_frames(frames, config.data.val_fraction, config.data.test_fraction, config.data.split_seed, config.data.group_by)
+    split = split_frames(frames, config.data.val_fraction, config.data.test_fraction, config.data.split_seed,
+                         config.data.group_by, config.data.stratify_by)
     if not split["train"] or not split["val"]:
         raise ValueError(f"the split has {len(split['train'])} training and {len(split['val'])} validation frames; need both")
     record_split(run_dir, frames, split, config, resume)
@@ -563,7 +569,7 @@ def finish(run_dir: Path, config: TrainConfig, model: E2FormerV2, subsets, summa
     results = {"best_epoch": best["epoch"], "force_mode": mode, "val": best["val"]}
     if subsets["test"]:
         test_data = PackedFrames(subsets["test"], model.config.cutoff, dtype, device)
-        results["test"] = evaluate_by_cluster_size(model, test_data, config, mode)
+        results["test"] = evaluate_by_size_and_source(model, test_data, config, mode)
     _write_atomically(run_dir / "test_metrics.json", json.dumps(results, indent=2))
     metadata = {
         "training_data": summary,

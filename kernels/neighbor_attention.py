@@ -377,18 +377,20 @@ class LaunchConfig(NamedTuple):
 KERNELS = ("forward", "target", "source")
 CONFIG_ENV = "E2FORMER_ATTENTION_CONFIG"
 
-# Defaults for BLOCK_V <= 64 by (kernel, payload, bytes per float), chosen from the sm_90 register
-# counts of ``python -m benchmarks.kernel_configs --compile-only`` (no spills, <= ~170 registers
-# for the benchmark's and the model's shapes) until GPU timings choose; rows halve for every
-# doubling of BLOCK_V above 64, down to 16. "16x8" (16 rows, 8 warps) compiled for every tested
-# shape and spills at most ~100 bytes (float64, direction): the fallback.
+# Defaults for BLOCK_V <= 64 by (kernel, payload, bytes per float). Float32: the fastest of seven
+# configurations timed on an H200 (``python -m benchmarks.kernel_configs``, 2026-12-01, see
+# BENCHMARKS.md) for the benchmark shape (H=16, D=16, V=64, K=64) and the water_small shape (H=16,
+# D=8, V=36, K=32), preferring the water shape where they disagree (direction target: 16x8 there,
+# 32x4 on the benchmark shape). Float64 keeps "16x8" (16 rows, 8 warps), which compiled for every
+# tested shape spilling at most ~100 bytes (direction): untimed, and the fallback. Rows halve for
+# every doubling of BLOCK_V above 64, down to 16.
 DEFAULT_CONFIGS = {
     ("forward", "inverse_distance", 4): LaunchConfig(32, 4),
-    ("forward", "direction", 4): LaunchConfig(32, 8),
-    ("target", "inverse_distance", 4): LaunchConfig(32, 8),
+    ("forward", "direction", 4): LaunchConfig(32, 4),
+    ("target", "inverse_distance", 4): LaunchConfig(32, 4),
     ("target", "direction", 4): LaunchConfig(16, 8),
-    ("source", "inverse_distance", 4): LaunchConfig(32, 4),
-    ("source", "direction", 4): LaunchConfig(32, 8),
+    ("source", "inverse_distance", 4): LaunchConfig(32, 4, edges_per_step=2),
+    ("source", "direction", 4): LaunchConfig(32, 4, edges_per_step=2),
     **{(kernel, payload, 8): LaunchConfig(16, 8) for kernel in KERNELS for payload in PAYLOAD_WIDTH},
 }
 

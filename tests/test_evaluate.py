@@ -15,7 +15,7 @@ from e2former_calc.calculator import E2FormerCalculator
 from e2former_calc.checkpoint import save_model
 from e2former_calc.cli import main as cli_main
 from e2former_calc.dataset import load_frames
-from e2former_calc.evaluate import error_metrics, metrics_by_cluster_size
+from e2former_calc.evaluate import error_metrics, metrics_by_size_and_source
 from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
 
 
@@ -39,9 +39,11 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    """Six EMT-labelled frames: 1-3 water clusters and one H2O2 (not (H2O)n)."""
+    """Six EMT-labelled frames: 1-3 water clusters (source "liquid-cluster") and one H2O2 (not (H2O)n, no source)."""
     rng = np.random.default_rng(0)
     frames = [water_cluster(1 + k % 3, rng) for k in range(5)] + [labelled(molecule("H2O2"))]
+    for atoms in frames[:5]:
+        atoms.info["source"] = "liquid-cluster"
     path = tmp_path_factory.mktemp("data") / "frames.extxyz"
     ase.io.write(path, frames, format="extxyz")
     return path
@@ -64,7 +66,8 @@ def test_metrics_by_cluster_size_groups_frames_and_their_atoms():
     frames = [molecule("H2O"), molecule("H2O2"), molecule("H2O")]
     energy_error = torch.tensor([0.03, 0.4, -0.06], dtype=torch.float64)
     force_error = torch.cat([torch.full((3, 3), 0.1), torch.full((4, 3), 1.0), torch.full((3, 3), -0.3)]).double()
-    results = metrics_by_cluster_size(frames, energy_error, force_error)
+    results = metrics_by_size_and_source(frames, energy_error, force_error)
+    assert "per_source" not in results  # no frame records a source
     assert list(results["per_cluster_size"]) == ["4 atoms", "1 waters"]
     water = results["per_cluster_size"]["1 waters"]
     assert water["n_frames"] == 2
@@ -72,6 +75,27 @@ def test_metrics_by_cluster_size_groups_frames_and_their_atoms():
     assert water["force_mae_meV_per_A"] == pytest.approx(200.0)  # the H2O2 atoms are not in it
     assert results["per_cluster_size"]["4 atoms"]["force_mae_meV_per_A"] == pytest.approx(1000.0)
     assert results["overall"]["n_frames"] == 3
+
+
+def test_metrics_per_source_group_frames_and_their_atoms():
+    frames = [molecule("H2O"), molecule("H2O2"), molecule("H2O"), molecule("H2O")]
+    for atoms, source in zip(frames, ["monomer", None, "monomer", "md-failure"]):
+        if source is not None:
+            atoms.info["source"] = source
+    energy_error = torch.tensor([0.03, 0.4, -0.06, 0.3], dtype=torch.float64)  # eV; per atom 10, 100, -20, 100 meV
+    force_error = torch.cat([torch.full((3, 3), 0.1), torch.full((4, 3), 1.0), torch.full((3, 3), -0.3),
+                             torch.full((3, 3), 0.6)]).double()
+    per_source = metrics_by_size_and_source(frames, energy_error, force_error)["per_source"]
+    assert list(per_source) == ["md-failure", "monomer", "unknown"]
+    monomer = per_source["monomer"]
+    assert monomer["n_frames"] == 2
+    assert monomer["energy_mae_meV_per_atom"] == pytest.approx(15.0)  # (10 + 20) / 2
+    assert monomer["energy_rmse_meV_per_atom"] == pytest.approx(np.sqrt((10**2 + 20**2) / 2))
+    assert monomer["force_mae_meV_per_A"] == pytest.approx(200.0)  # (9 x 100 + 9 x 300) / 18
+    assert monomer["force_rmse_meV_per_A"] == pytest.approx(np.sqrt((100**2 + 300**2) / 2))
+    assert (per_source["unknown"]["n_frames"], per_source["unknown"]["force_mae_meV_per_A"]) == (1, pytest.approx(1000.0))
+    assert per_source["md-failure"]["energy_mae_meV_per_atom"] == pytest.approx(100.0)
+    assert per_source["md-failure"]["force_mae_meV_per_A"] == pytest.approx(600.0)
 
 
 def test_cli_matches_the_calculator_frame_by_frame(checkpoint, data_file, tmp_path, capsys):
@@ -93,8 +117,10 @@ def test_cli_matches_the_calculator_frame_by_frame(checkpoint, data_file, tmp_pa
     assert overall["force_mae_meV_per_A"] == pytest.approx(1000 * np.mean(np.abs(np.concatenate(force_errors))), rel=1e-9)
     assert sum(m["n_frames"] for m in results["per_cluster_size"].values()) == 6
     assert "4 atoms" in results["per_cluster_size"]
+    assert {name: m["n_frames"] for name, m in results["per_source"].items()} == {"liquid-cluster": 5, "unknown": 1}
     assert plot.read_bytes().startswith(b"\x89PNG")
-    assert "overall" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "overall" in table and table.index("4 atoms") < table.index("\n\n") < table.index("liquid-cluster")
 
 
 def test_cli_evaluates_one_subset_of_a_runs_split(checkpoint, data_file, tmp_path):

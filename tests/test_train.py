@@ -6,6 +6,7 @@ model is a few-channel E2Former-V2, everything on the CPU.
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import ase.io
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from ase import Atoms
 from safetensors.torch import load_file
 
 from emt_water import water_cluster
@@ -130,6 +132,106 @@ def test_split_is_deterministic_disjoint_and_grouped(data_files):
     moved = frames[0].copy()
     moved.positions[0, 0] += 1e-3
     assert frame_id(frames[0].copy()) == frames[0].info["frame_id"] != frame_id(moved)
+
+
+def sourced_frames() -> list[Atoms]:
+    """93 one-atom frames (unique positions) with a 'source' and mostly a 'snapshot' (the group key):
+    liquid 40 (4 per snapshot 0-9), dimer 20 (2 per snapshot 0-9: carved from the liquid snapshots, so
+    each snapshot group spans both sources), monomer 30 (no snapshot: each its own group),
+    md-failure 3 (one group, snapshot 100)."""
+    kinds = [("liquid", k // 4) for k in range(40)] + [("dimer", k % 10) for k in range(20)]
+    kinds += [("monomer", None)] * 30 + [("md-failure", 100)] * 3
+    frames = []
+    for index, (source, snapshot) in enumerate(kinds):
+        atoms = Atoms("H", positions=[[0.5 * index, 0.0, 0.0]])
+        atoms.info["source"] = source
+        if snapshot is not None:
+            atoms.info["snapshot"] = snapshot
+        frames.append(atoms)
+    return frames
+
+
+def sources_per_subset(frames, split) -> dict[str, dict[str, int]]:
+    return {name: dict(Counter(str(frames[k].info.get("source")) for k in indices)) for name, indices in split.items()}
+
+
+def test_stratified_split_holds_out_every_source_in_proportion():
+    frames = sourced_frames()
+    without_monomer_source = sourced_frames()
+    for atoms in without_monomer_source[60:90]:  # frames without the key form a stratum of their own
+        del atoms.info["source"]
+    for seed in range(5):
+        split = split_frames(frames, 0.2, 0.2, seed=seed, group_by=["snapshot"], stratify_by="source")
+        # floor(0.2 x stratum size) of each source held out twice; md-failure (3 frames) cannot spare one.
+        held_out = {"liquid": 8, "dimer": 4, "monomer": 6}
+        assert sources_per_subset(frames, split) == {
+            "train": {"liquid": 24, "dimer": 12, "monomer": 18, "md-failure": 3}, "val": held_out, "test": held_out}
+        for name, indices in split.items():  # snapshots spanning two sources still stay whole
+            snapshots = {frames[k].info.get("snapshot") for k in indices} - {None}
+            others = {frames[k].info.get("snapshot") for other, rest in split.items() if other != name for k in rest}
+            assert not snapshots & others
+        assert split_frames(without_monomer_source, 0.2, 0.2, seed, ["snapshot"], stratify_by="source") == split
+
+
+def test_a_stratum_of_one_group_stays_in_training():
+    frames = sourced_frames()
+    md_failure = {90, 91, 92}
+    unstratified = [split_frames(frames, 0.2, 0.2, seed=seed, group_by=["snapshot"]) for seed in range(10)]
+    assert any(md_failure <= set(split["test"]) for split in unstratified)  # what stratification prevents
+    for seed in range(10):
+        for fraction in (0.2, 0.45):  # floor(0.45 x 3 frames) = 1, still less than the group
+            split = split_frames(frames, fraction, fraction, seed=seed, group_by=["snapshot"], stratify_by="source")
+            assert md_failure <= set(split["train"])
+
+
+def test_unstratified_split_is_unchanged():
+    """The split of the code before stratify_by existed, so split.json files of earlier runs reproduce."""
+    frames = sourced_frames()
+    expected = {
+        "val": [16, 17, 18, 19, 32, 33, 34, 35, 44, 48, 54, 58, 60, 65, 69, 70, 71, 86, 89],
+        "test": [4, 5, 6, 7, 12, 13, 14, 15, 36, 37, 38, 39, 41, 43, 49, 51, 53, 59, 61, 62, 64, 82, 84],
+    }
+    expected["train"] = sorted(set(range(93)) - set(expected["val"]) - set(expected["test"]))
+    assert split_frames(frames, 0.2, 0.2, seed=0, group_by=["snapshot"]) == expected
+    assert split_frames(frames, 0.2, 0.2, seed=0, group_by=["snapshot"], stratify_by=None) == expected
+    expected = {"val": [7, 11, 16, 24, 28, 40, 48, 63, 67, 70],
+                "test": [6, 9, 12, 21, 26, 36, 37, 42, 46, 49, 56, 58, 64, 79]}  # ungrouped: one group per frame
+    expected["train"] = sorted(set(range(93)) - set(expected["val"]) - set(expected["test"]))
+    assert split_frames(frames, 0.1, 0.15, seed=1, group_by=[]) == expected
+
+
+def test_stratified_split_does_not_depend_on_file_order():
+    frames = sourced_frames()
+    shuffled = [frames[k] for k in np.random.default_rng(7).permutation(len(frames))]
+    for group_by in (["snapshot"], []):
+        ids = [{name: {frame_id(ordered[k]) for k in indices}
+                for name, indices in split_frames(ordered, 0.2, 0.2, 3, group_by, stratify_by="source").items()}
+               for ordered in (frames, shuffled, frames[::-1])]
+        assert ids[0] == ids[1] == ids[2]
+
+
+def test_split_json_and_config_record_stratify_by(data_files, tmp_path):
+    """train passes data.stratify_by to split_frames and records it; runs from before it resume."""
+    config = make_config(data_files, tmp_path / "run", data__stratify_by="n_waters")
+    train(config, stop_after_epochs=1)
+    frames = load_frames(data_files)
+    expected = split_frames(frames, 0.25, 0.25, 0, ["temperature_K", "snapshot"], stratify_by="n_waters")
+    split = split_frames(frames, 0.25, 0.25, 0, ["temperature_K", "snapshot"])
+    assert expected != split  # so the recorded split shows that stratify_by reached split_frames
+    recorded = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert recorded["stratify_by"] == "n_waters"
+    assert {name: recorded[name] for name in expected} == {
+        name: [frames[k].info["frame_id"] for k in indices] for name, indices in expected.items()}
+    assert load_config(tmp_path / "run" / "config.yaml").data.stratify_by == "n_waters"
+    assert train(config, resume=True)["finished"]
+
+    old = make_config(data_files, tmp_path / "old")  # no stratify_by: split.json written before it had the key
+    (tmp_path / "old").mkdir()
+    train_module.record_split(tmp_path / "old", frames, split, old, resume=False)
+    recorded = json.loads((tmp_path / "old" / "split.json").read_text())
+    assert recorded.pop("stratify_by") is None
+    (tmp_path / "old" / "split.json").write_text(json.dumps(recorded))
+    train_module.record_split(tmp_path / "old", frames, split, old, resume=True)  # no error
 
 
 def test_training_reduces_loss_fits_references_and_exports(data_files, tmp_path):
