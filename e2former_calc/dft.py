@@ -48,12 +48,15 @@ class DFTLabel:
     device: str
 
 
-def build_molecule(atoms: Atoms, basis: str = BASIS, charge: int = 0, spin_multiplicity: int = 1):
-    """A PySCF `Mole` of the (non-periodic) `atoms`, positions in Å."""
+def build_molecule(atoms: Atoms, basis: str = BASIS, charge: int = 0, spin_multiplicity: int = 1, ghost=None):
+    """A PySCF `Mole` of the (non-periodic) `atoms`, positions in Å. Atoms where the boolean mask
+    `ghost` [n_atoms] is true carry their basis functions but no nucleus or electrons (counterpoise)."""
     from pyscf import gto
 
+    symbols = [("ghost-" if is_ghost else "") + symbol
+               for symbol, is_ghost in zip(atoms.get_chemical_symbols(), np.zeros(len(atoms), bool) if ghost is None else ghost)]
     return gto.M(
-        atom=[(symbol, tuple(position)) for symbol, position in zip(atoms.get_chemical_symbols(), atoms.positions)],
+        atom=[(symbol, tuple(position)) for symbol, position in zip(symbols, atoms.positions)],
         unit="Angstrom",
         basis=basis,
         charge=charge,

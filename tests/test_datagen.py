@@ -220,6 +220,20 @@ def test_second_order_scf_finishes_what_diis_could_not(monkeypatch):
     np.testing.assert_allclose(rescued.forces, reference.forces, atol=1e-4)
 
 
+def test_ghost_atoms_carry_basis_functions_but_no_electrons():
+    pytest.importorskip("pyscf")
+    dimer = Atoms("OH2OH2", positions=[[0, 0, 0], [0, 0.76, 0.59], [0, -0.76, 0.59],
+                                       [2.9, 0, 0], [3.3, 0.76, 0.2], [3.3, -0.76, 0.2]])
+    first = np.arange(6) < 3
+    monomer = dft.build_molecule(dimer[first], basis="sto-3g")
+    with_ghosts = dft.build_molecule(dimer, basis="sto-3g", ghost=~first)
+    assert with_ghosts.nelectron == monomer.nelectron == 10
+    assert with_ghosts.nao == 2 * monomer.nao
+    assert with_ghosts.energy_nuc() == pytest.approx(monomer.energy_nuc())
+    # the partner's functions can only lower the monomer's variational energy (the BSSE)
+    assert with_ghosts.RHF().kernel() < monomer.RHF().kernel()
+
+
 @pytest.mark.slow
 def test_revpbe_d3bj_forces_match_finite_differences():
     pytest.importorskip("pyscf")
