@@ -12,6 +12,12 @@ and is reported beside it), in meV; CP evaluates each monomer in the dimer's bas
 as ghosts). Overbinding = CP def2-QZVP minus the labels' raw def2-TZVP: positive when the labels bind
 too strongly. The output is rewritten after every dimer, and dimers already in it are skipped, so an
 interrupted run resumes where it stopped (about two minutes per dimer on two CPU cores).
+
+Is the error pairwise additive (could a correction fitted on dimers be summed over a cluster's pairs)?
+`--clusters N --cluster-waters K` takes the K waters nearest the centre of N liquid clusters and compares
+the basis effect on their interaction energy, raw def2-TZVP minus raw def2-QZVP (no ghost atoms, so
+nothing depends on how a counterpoise is defined for more than two molecules), with the sum of the same
+quantity over their K(K-1)/2 pairs, each as an isolated dimer.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from e2former_calc import dft
 from e2former_calc.dataset import load_frames
 
 BASES = ("def2-tzvp", "def2-qzvp")
-DISTANCE_BINS_A = ((2.3, 2.6), (2.6, 2.8), (2.8, 3.0), (3.0, 3.3), (3.3, 3.6), (3.6, 4.0), (4.0, 4.5))
+DISTANCE_BINS_A = ((2.3, 2.6), (2.6, 2.8), (2.8, 3.0), (3.0, 3.3), (3.3, 3.6), (3.6, 4.0), (4.0, 4.5), (4.5, 5.0), (5.0, 5.5), (5.5, 6.6))
 
 
 def scf_energy(atoms, basis: str, ghost=None) -> float:
@@ -49,6 +55,31 @@ def interaction_energies(dimer, basis: str) -> dict:
     own_basis = scf_energy(dimer[first], basis) + scf_energy(dimer[~first], basis)
     dimer_basis = scf_energy(dimer, basis, ghost=~first) + scf_energy(dimer, basis, ghost=first)
     return {"raw_meV": 1000 * (total - own_basis), "counterpoise_meV": 1000 * (total - dimer_basis)}
+
+
+def molecules(atoms) -> list:
+    """The water molecules of `atoms` (O, H, H per molecule), as separate Atoms."""
+    return [atoms[3 * k: 3 * k + 3] for k in range(len(atoms) // 3)]
+
+
+def raw_interaction(atoms, basis: str) -> float:
+    """E(cluster) - sum of E(molecule), each in its own basis (eV, DFT part)."""
+    return scf_energy(atoms, basis) - sum(scf_energy(molecule, basis) for molecule in molecules(atoms))
+
+
+def basis_effect(atoms) -> float:
+    """Raw interaction energy in def2-TZVP minus in def2-QZVP (meV): negative when TZVP binds more."""
+    return 1000 * (raw_interaction(atoms, BASES[0]) - raw_interaction(atoms, BASES[1]))
+
+
+def cluster_row(cluster) -> dict:
+    """Basis effect on a cluster's interaction energy and the sum of it over the cluster's pairs."""
+    waters = molecules(cluster)
+    pair_effects = [basis_effect(waters[i] + waters[j]) for i in range(len(waters)) for j in range(i + 1, len(waters))]
+    row = {"frame_id": cluster.info["frame_id"], "waters": len(waters),
+           "cluster_meV": basis_effect(cluster), "sum_of_pairs_meV": float(sum(pair_effects)), "pairs_meV": pair_effects}
+    row["cluster_over_pairs"] = row["cluster_meV"] / row["sum_of_pairs_meV"]
+    return row
 
 
 def dispersion_interaction(dimer) -> float:
@@ -85,12 +116,17 @@ def overbinding_by_distance(rows: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-oo", type=float, default=4.5, help="dimers with an O-O distance below this (Å)")
+    parser.add_argument("--clusters", type=int, default=0, help="also test additivity on this many liquid clusters")
+    parser.add_argument("--cluster-waters", type=int, default=3, help="waters kept per cluster (the nearest the centre)")
     parser.add_argument("--out", type=Path, required=True)
     arguments = parser.parse_args()
 
     record = json.loads(arguments.out.read_text()) if arguments.out.exists() else {
         "what": __doc__.splitlines()[0], "method": f"{dft.XC} DF({dft.AUXBASIS}) + D3(BJ), PySCF default grids",
-        "command": f"python -m benchmarks.label_bsse --max-oo {arguments.max_oo}", "wall_s": 0.0, "dimers": []}
+        "wall_s": 0.0, "dimers": []}
+    record.setdefault("commands", []).append(  # every run that added to this file, in order
+        f"python -m benchmarks.label_bsse --max-oo {arguments.max_oo} --clusters {arguments.clusters} "
+        f"--cluster-waters {arguments.cluster_waters}")
     done = {row["frame_id"] for row in record["dimers"]}
     dimers = sorted((atoms for atoms in load_frames(["data/water/labelled_*.extxyz.gz"])
                      if atoms.info.get("source") == "dimer" and atoms.get_distance(0, 3) < arguments.max_oo
@@ -109,6 +145,21 @@ def main() -> None:
         tqdm.write(f"O-O {row['oo_distance_A']:.2f} Å: labels {row['label_meV']:6.1f} meV (DFT part {row['def2-tzvp']['raw_meV']:6.1f}), "
                    f"CP def2-QZVP {row['reference_meV']:6.1f} meV: overbound by {row['label_overbinding_meV']:5.1f} meV")
 
+    done = {row["frame_id"] for row in record.setdefault("clusters", [])}
+    liquid = sorted((atoms for atoms in load_frames(["data/water/labelled_*.extxyz.gz"])
+                     if atoms.info.get("source") == "liquid-cluster" and len(atoms) >= 3 * arguments.cluster_waters),
+                    key=lambda atoms: atoms.info["frame_id"])
+    chosen = [atoms[: 3 * arguments.cluster_waters] for atoms in liquid[: arguments.clusters]]
+    for cluster, source in zip(chosen, liquid):
+        cluster.info["frame_id"] = f"{source.info['frame_id']}[:{arguments.cluster_waters} waters]"
+    for cluster in tqdm([c for c in chosen if c.info["frame_id"] not in done], desc="clusters"):
+        started = time.perf_counter()
+        row = cluster_row(cluster)
+        record["clusters"].append(row)
+        record["wall_s"] += time.perf_counter() - started
+        save()
+        tqdm.write(f"{row['waters']} waters: TZVP - QZVP interaction {row['cluster_meV']:6.1f} meV, sum over pairs "
+                   f"{row['sum_of_pairs_meV']:6.1f} meV (ratio {row['cluster_over_pairs']:.2f})")
     save()
 
 
