@@ -367,7 +367,7 @@ water broke apart and the forces blew up), clusters centred on its broken waters
 ## Known limitation: basis-set superposition error
 def2-TZVP without counterpoise correction overbinds close water pairs: on the dataset's dimers, by 52 meV
 at O–O 2.3–2.8 Å, 38 meV at 3.0–3.3 Å and 15 meV at 4.0–4.5 Å against counterpoise-corrected def2-QZVP,
-about half the reference interaction energy in the first shell (`python -m benchmarks.label_bsse`,
+about half the reference interaction energy in the first shell, and 2 meV at 5.5–6.6 Å (`python -m benchmarks.label_bsse`,
 `benchmarks/results/label_bsse_cpu.json`). Liquids simulated with models trained on these labels are
 likely to come out over-structured.
 
