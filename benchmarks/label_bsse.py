@@ -62,22 +62,23 @@ def molecules(atoms) -> list:
     return [atoms[3 * k: 3 * k + 3] for k in range(len(atoms) // 3)]
 
 
-def raw_interaction(atoms, basis: str) -> float:
-    """E(cluster) - sum of E(molecule), each in its own basis (eV, DFT part)."""
-    return scf_energy(atoms, basis) - sum(scf_energy(molecule, basis) for molecule in molecules(atoms))
-
-
-def basis_effect(atoms) -> float:
-    """Raw interaction energy in def2-TZVP minus in def2-QZVP (meV): negative when TZVP binds more."""
-    return 1000 * (raw_interaction(atoms, BASES[0]) - raw_interaction(atoms, BASES[1]))
-
-
 def cluster_row(cluster) -> dict:
-    """Basis effect on a cluster's interaction energy and the sum of it over the cluster's pairs."""
+    """Basis effect on a cluster's interaction energy and the sum of it over the cluster's pairs.
+
+    The basis effect of a set of waters is their raw interaction energy (energy of the set minus its
+    molecules', each in its own basis) in def2-TZVP minus in def2-QZVP, in meV: negative when TZVP binds more.
+    """
     waters = molecules(cluster)
-    pair_effects = [basis_effect(waters[i] + waters[j]) for i in range(len(waters)) for j in range(i + 1, len(waters))]
+    molecule_energy = [{basis: scf_energy(water, basis) for basis in BASES} for water in waters]  # reused by every pair
+
+    def basis_effect(members: list[int]) -> float:
+        atoms = sum((waters[k] for k in members[1:]), waters[members[0]])
+        tzvp, qzvp = (scf_energy(atoms, basis) - sum(molecule_energy[k][basis] for k in members) for basis in BASES)
+        return 1000 * (tzvp - qzvp)
+
+    pair_effects = [basis_effect([i, j]) for i in range(len(waters)) for j in range(i + 1, len(waters))]
     row = {"frame_id": cluster.info["frame_id"], "waters": len(waters),
-           "cluster_meV": basis_effect(cluster), "sum_of_pairs_meV": float(sum(pair_effects)), "pairs_meV": pair_effects}
+           "cluster_meV": basis_effect(list(range(len(waters)))), "sum_of_pairs_meV": float(sum(pair_effects)), "pairs_meV": pair_effects}
     row["cluster_over_pairs"] = row["cluster_meV"] / row["sum_of_pairs_meV"]
     return row
 
@@ -127,41 +128,35 @@ def main() -> None:
     record.setdefault("commands", []).append(  # every run that added to this file, in order
         f"python -m benchmarks.label_bsse --max-oo {arguments.max_oo} --clusters {arguments.clusters} "
         f"--cluster-waters {arguments.cluster_waters}")
-    done = {row["frame_id"] for row in record["dimers"]}
-    dimers = sorted((atoms for atoms in load_frames(["data/water/labelled_*.extxyz.gz"])
-                     if atoms.info.get("source") == "dimer" and atoms.get_distance(0, 3) < arguments.max_oo
-                     and atoms.info["frame_id"] not in done), key=lambda atoms: atoms.get_distance(0, 3))
-
-    def save():
-        record["overbinding_by_distance"] = overbinding_by_distance(record["dimers"])
-        arguments.out.write_text(json.dumps(record, indent=1) + "\n")
-
-    for dimer in tqdm(dimers, desc="dimers"):
-        started = time.perf_counter()
-        row = dimer_row(dimer)
-        record["dimers"].append(row)
-        record["wall_s"] += time.perf_counter() - started
-        save()
-        tqdm.write(f"O-O {row['oo_distance_A']:.2f} Å: labels {row['label_meV']:6.1f} meV (DFT part {row['def2-tzvp']['raw_meV']:6.1f}), "
-                   f"CP def2-QZVP {row['reference_meV']:6.1f} meV: overbound by {row['label_overbinding_meV']:5.1f} meV")
-
-    done = {row["frame_id"] for row in record.setdefault("clusters", [])}
-    liquid = sorted((atoms for atoms in load_frames(["data/water/labelled_*.extxyz.gz"])
+    frames = load_frames(["data/water/labelled_*.extxyz.gz"])
+    dimers = sorted((atoms for atoms in frames if atoms.info.get("source") == "dimer"
+                     and atoms.get_distance(0, 3) < arguments.max_oo), key=lambda atoms: atoms.get_distance(0, 3))
+    liquid = sorted((atoms for atoms in frames
                      if atoms.info.get("source") == "liquid-cluster" and len(atoms) >= 3 * arguments.cluster_waters),
-                    key=lambda atoms: atoms.info["frame_id"])
-    chosen = [atoms[: 3 * arguments.cluster_waters] for atoms in liquid[: arguments.clusters]]
-    for cluster, source in zip(chosen, liquid):
-        cluster.info["frame_id"] = f"{source.info['frame_id']}[:{arguments.cluster_waters} waters]"
-    for cluster in tqdm([c for c in chosen if c.info["frame_id"] not in done], desc="clusters"):
-        started = time.perf_counter()
-        row = cluster_row(cluster)
-        record["clusters"].append(row)
-        record["wall_s"] += time.perf_counter() - started
-        save()
-        tqdm.write(f"{row['waters']} waters: TZVP - QZVP interaction {row['cluster_meV']:6.1f} meV, sum over pairs "
-                   f"{row['sum_of_pairs_meV']:6.1f} meV (ratio {row['cluster_over_pairs']:.2f})")
-    save()
+                    key=lambda atoms: atoms.info["frame_id"])[: arguments.clusters]
+    clusters = []
+    for source in liquid:
+        clusters.append(source[: 3 * arguments.cluster_waters])
+        clusters[-1].info["frame_id"] = f"{source.info['frame_id']}[:{arguments.cluster_waters} waters]"
 
+    def measure(name: str, systems: list, row_of, describe) -> None:
+        """Append row_of(system) to record[name] for each system not there yet, saving after each."""
+        done = {row["frame_id"] for row in record.setdefault(name, [])}
+        for system in tqdm([s for s in systems if s.info["frame_id"] not in done], desc=name):
+            started = time.perf_counter()
+            row = row_of(system)
+            record[name].append(row)
+            record["wall_s"] += time.perf_counter() - started
+            record["overbinding_by_distance"] = overbinding_by_distance(record["dimers"])
+            arguments.out.write_text(json.dumps(record, indent=1) + "\n")
+            tqdm.write(describe(row))
+
+    measure("dimers", dimers, dimer_row, lambda row: (
+        f"O-O {row['oo_distance_A']:.2f} Å: labels {row['label_meV']:6.1f} meV (DFT part {row['def2-tzvp']['raw_meV']:6.1f}), "
+        f"CP def2-QZVP {row['reference_meV']:6.1f} meV: overbound by {row['label_overbinding_meV']:5.1f} meV"))
+    measure("clusters", clusters, cluster_row, lambda row: (
+        f"{row['waters']} waters: TZVP - QZVP interaction {row['cluster_meV']:6.1f} meV, sum over pairs "
+        f"{row['sum_of_pairs_meV']:6.1f} meV (ratio {row['cluster_over_pairs']:.2f})"))
 
 if __name__ == "__main__":
     main()
