@@ -2,7 +2,8 @@
 
 The recipe, top to bottom:
 
-    frames = load_frames(data.paths); split by provenance group into train / val / test (seeded),
+    frames = load_frames(data.paths), data.label_correction added to their labels when set
+    split by provenance group into train / val / test (seeded),
         each data.stratify_by value (e.g. source) held out in proportion when set
     reference energies e_Z = least squares of E ~ counts @ e on train; energy_scale from the residuals
     for epoch in range(epochs):
@@ -66,6 +67,7 @@ from e2former_calc.dataset import (
     split_frames,
 )
 from e2former_calc.evaluate import error_metrics, metrics_by_size_and_source, predict_errors, size_label
+from e2former_calc.label_correction import PairCorrection, correct_labels
 from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
 
 PRESETS = {"paper": E2FormerConfig, "water_small": E2FormerConfig.water_small}
@@ -85,6 +87,9 @@ class DataConfig:
     group_by: list[str] = field(default_factory=list)  # info keys whose frames stay in one split
     # info key (e.g. "source") whose every value is held out in proportion; None: no stratification
     stratify_by: str | None = None
+    # fields of a label_correction.PairCorrection added to every frame's labels (train, val and test)
+    # before anything else sees them; None: the labels as they are
+    label_correction: dict | None = None
 
 
 @dataclass
@@ -166,6 +171,8 @@ class TrainConfig:
             raise ValueError(f"direct_force_epochs must be within 0..epochs ({self.epochs}), got {self.direct_force_epochs}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.data.label_correction is not None:
+            PairCorrection.from_dict(self.data.label_correction)  # its errors name the bad field
         retries = self.optimizer.divergence_retries
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"optimizer.divergence_retries must be an integer >= 0, got {retries!r}")
@@ -454,6 +461,8 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
     record_config(run_dir, config, resume)
 
     frames = load_frames(config.data.paths)
+    if config.data.label_correction is not None:
+        frames = correct_labels(frames, PairCorrection.from_dict(config.data.label_correction))
     split = split_frames(frames, config.data.val_fraction, config.data.test_fraction, config.data.split_seed,
                          config.data.group_by, config.data.stratify_by)
     if not split["train"] or not split["val"]:
