@@ -68,7 +68,7 @@ class PairCorrection:
         """φ(r) (eV) and dφ/dr (eV/Å) at the distances `distance` (Å), any shape."""
         span = self.cutoff_A - self.switch_on_A
         x = np.clip((distance - self.switch_on_A) / span, 0.0, 1.0)
-        switch = 1 - x**3 * (10 - 15 * x + 6 * x**2)
+        switch = (1 - x) ** 3 * (1 + 3 * x + 6 * x**2)  # 1 - 10x^3 + 15x^4 - 6x^5, factored
         switch_slope = -30 * x**2 * (1 - x) ** 2 / span
         exponential = self.amplitude_eV * np.exp(-self.decay_per_A * (distance - self.reference_distance_A))
         return exponential * switch, exponential * (switch_slope - self.decay_per_A * switch)

@@ -98,12 +98,13 @@ def transpose_neighbors(row_ptr: torch.Tensor, source_index: torch.Tensor) -> Tr
 
 @triton.jit
 def _envelope(distance, cutoff):
-    """p(d) and dp/dd for p = 1 - 6x^5 + 15x^4 - 10x^3, x = d / cutoff; both 0 beyond the cutoff."""
-    x = distance / cutoff
-    inside = x < 1.0
-    p = 1.0 + x * x * x * (-10.0 + x * (15.0 - 6.0 * x))
-    dp = -30.0 * x * x * (1.0 - x) * (1.0 - x) / cutoff
-    return tl.where(inside, p, 0.0), tl.where(inside, dp, 0.0)
+    """p(d) and dp/dd for p = (1 - x)^3 (1 + 3x + 6x^2), x = d / cutoff (the reference's ``envelope``,
+    factored to keep its relative precision near the cutoff); both 0 beyond the cutoff."""
+    x = tl.minimum(distance / cutoff, 1.0)
+    remaining = 1.0 - x
+    p = remaining * remaining * remaining * (1.0 + x * (3.0 + 6.0 * x))
+    dp = -30.0 * x * x * remaining * remaining / cutoff
+    return p, dp
 
 
 @triton.jit
@@ -215,7 +216,8 @@ def _forward_kernel(
                 K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, first + offset, head, H, D, VD, cutoff,
                 BLOCK_D, BLOCK_V)
 
-            s = tl.where(valid, g * tl.sum(q * key, axis=1) * qk_scale + b, float("-inf"))
+            # edges with p = 0 (at the cutoff in this precision) add nothing and stay out of the max
+            s = tl.where(valid & (p > 0.0), g * tl.sum(q * key, axis=1) * qk_scale + b, float("-inf"))
             mu_new = tl.maximum(mu, s)
             rescale = tl.exp(mu - mu_new)
             w = tl.where(valid, p * tl.exp(s - mu_new), 0.0)
@@ -274,7 +276,8 @@ def _backward_target_kernel(
             ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
 
             qk = tl.sum(q * key, axis=1)
-            unenveloped = tl.where(valid, tl.exp(g * qk * qk_scale + b - lse), 0.0)  # P_e / p_e
+            # P_e / p_e, 0 where p = 0 as in the forward: exp(s - lse) is bounded by 1 / p only while p > 0
+            unenveloped = tl.where(valid & (p > 0.0), tl.exp(g * qk * qk_scale + b - lse), 0.0)
             prob = p * unenveloped
             c_x = tl.sum(grad_x * val, axis=1)  # c_a = <dOut_a, v_j>
             if DIRECTION:
@@ -340,7 +343,7 @@ def _backward_source_kernel(
             d_logit = tl.load(DBIAS + edge * H + head, mask=valid, other=0.0)  # written by the target kernel
             rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
 
-            prob = tl.where(valid, p * tl.exp(g * tl.sum(q * key, axis=1) * qk_scale + b - lse), 0.0)
+            prob = tl.where(valid & (p > 0.0), p * tl.exp(g * tl.sum(q * key, axis=1) * qk_scale + b - lse), 0.0)
             weight = prob * phi * inverse  # times r_a for the direction payload, alone for 1/|r|
             grad_offset = (tgt * H * (3 if DIRECTION else 1) + head) * VD  # dOut[tgt, a = 0, head]
             grad_x = _load_rows(DOUT, grad_offset, valid, VD, BLOCK_V)

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from e2former_calc.kernels.neighbor_attention import neighbor_attention
+from e2former_calc.kernels.neighbor_attention_reference import envelope
 from e2former_calc.models.eaas import EAASTensorProduct
 from e2former_calc.models.graph import AtomicGraph, TargetChunk
 from e2former_calc.models.so3 import clebsch_gordan, spherical_harmonics_up_to
@@ -99,12 +100,6 @@ class E2FormerConfig:
         return cls(**data)
 
 
-def polynomial_envelope(distance: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """p(d) = 1 - 6x^5 + 15x^4 - 10x^3 with x = d/cutoff, zero beyond; C2-smooth at the cutoff."""
-    x = (distance / cutoff).clamp(max=1.0)
-    return 1 - x**3 * (10 - 15 * x + 6 * x**2)
-
-
 class GaussianBasis(nn.Module):
     """[E] distances (Å) -> [E, num_radial] Gaussians on an even grid over [0, cutoff]."""
 
@@ -162,7 +157,7 @@ class ZBLRepulsion(nn.Module):
         distance = distance.clamp(min=1e-3)
         x = distance / screening_length
         screening = sum(c * torch.exp(-b * x) for c, b in zip(SCREENING_COEFFICIENTS, SCREENING_EXPONENTS))
-        return COULOMB_EV_ANGSTROM * charge_product / distance * screening * polynomial_envelope(distance, cutoff)
+        return COULOMB_EV_ANGSTROM * charge_product / distance * screening * envelope(distance, cutoff)
 
 
 def degree_of_rows(l_max: int) -> torch.Tensor:
@@ -404,7 +399,7 @@ class DegreeEmbedding(nn.Module):
             edges = chunk.edges
             harmonics = spherical_harmonics_up_to(cfg.l_max, edge_vector[edges], normalize=True)  # [e, (L+1)^2]
             radial = radial_basis[edges] * self.source_species(species_index[graph.source_index[edges]])
-            radial = radial * polynomial_envelope(distance[edges], cfg.cutoff)[:, None]
+            radial = radial * envelope(distance[edges], cfg.cutoff)[:, None]
             edge_terms = harmonics[:, :, None] * radial[:, None, :]  # [e, (L+1)^2, num_radial]
             summed = summed.index_add(0, graph.target_index[edges], edge_terms)
         return self.linear(summed / cfg.avg_num_neighbors)

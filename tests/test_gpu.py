@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from e2former_calc.kernels.neighbor_attention import CONFIG_ENV, neighbor_attention, transpose_neighbors
+from test_neighbor_attention import place_edges_at_the_cutoff
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 FLOAT_INPUTS = ["query", "key", "value", "edge_vector", "logit_scale", "logit_bias", "value_weight"]
@@ -95,6 +96,17 @@ def test_kernel_launch_configurations_match_reference(monkeypatch, override, pay
     monkeypatch.setenv(CONFIG_ENV, override)
     floats, row_ptr, source_index = random_problem(200, 30, 5, 8, 20, 5.0, seed=11)
     assert_close_to_reference(kernel_and_reference(floats, row_ptr, source_index, 5.0, payload, dtype), dtype)
+
+
+@pytest.mark.parametrize("payload", ["direction", "inverse_distance"])
+def test_float32_edges_at_the_cutoff_with_large_logits(payload):
+    """The compiled kernels where training once diverged (test_neighbor_attention has the story)."""
+    floats, row_ptr, source_index = random_problem(200, 12, 4, 8, 16, 5.0, seed=5)
+    place_edges_at_the_cutoff(floats, 5.0)
+    results = kernel_and_reference(floats, row_ptr, source_index, 5.0, payload, torch.float32)
+    for name, kernel, reference, exact in zip(["out"] + FLOAT_INPUTS, results[True], results[False], results["exact"]):
+        assert torch.isfinite(kernel).all() and torch.isfinite(reference).all(), name
+    assert_close_to_reference(results, torch.float32)
 
 
 def test_backward_is_deterministic_with_a_cached_transpose():

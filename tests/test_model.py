@@ -9,7 +9,7 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
-from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2, polynomial_envelope
+from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
 from e2former_calc.models.so3 import wigner_D
 from e2former_calc.neighbors import build_graph
 from e2former_calc.water import build_water_box
@@ -169,14 +169,6 @@ def test_energy_and_forces_continuous_across_cutoff():
     # Beyond the cutoff the atoms are isolated; approaching it, energy and force go there smoothly.
     assert np.abs(np.diff(energies)).max() < 1e-12
     assert np.abs(forces).max() < 1e-10
-
-
-def test_envelope_is_smooth_at_cutoff():
-    distance = torch.tensor([5.0 - 1e-6, 5.0, 5.5], dtype=torch.float64, requires_grad=True)
-    value = polynomial_envelope(distance, 5.0)
-    (gradient,) = torch.autograd.grad(value.sum(), distance)
-    assert value[1] == 0 and value[2] == 0 and value[0] < 1e-15
-    assert gradient.abs().max() < 1e-9
 
 
 def test_direct_force_head_is_equivariant_and_stress_needs_conservative():

@@ -26,7 +26,7 @@ from e2former_calc.kernels.neighbor_attention import (
     neighbor_attention,
     transpose_neighbors,
 )
-from e2former_calc.kernels.neighbor_attention_reference import neighbor_attention_reference
+from e2former_calc.kernels.neighbor_attention_reference import envelope, neighbor_attention_reference
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -155,6 +155,25 @@ def test_reference_is_smooth_as_an_edge_reaches_the_cutoff():
         assert 300 < coarse / fine < 3000  # ~ gap^3
     for coarse, fine in zip(force_sizes, force_sizes[1:]):
         assert 30 < coarse / fine < 300  # ~ gap^2
+
+
+def test_envelope_is_smooth_at_cutoff():
+    distance = torch.tensor([CUTOFF - 1e-6, CUTOFF, CUTOFF + 0.5], dtype=torch.float64, requires_grad=True)
+    value = envelope(distance, CUTOFF)
+    (gradient,) = torch.autograd.grad(value.sum(), distance)
+    assert value[1] == 0 and value[2] == 0 and 0 < value[0] < 1e-15
+    assert gradient.abs().max() < 1e-9
+
+
+def test_envelope_keeps_its_relative_precision_up_to_the_cutoff():
+    # The expanded polynomial 1 - 10x^3 + 15x^4 - 6x^5 cancels to float32 noise of 1e-7 here, where
+    # p is 1e-9: off by a factor of 600 at 0.9996 cutoff, and zero or negative depending on rounding.
+    distance = (torch.linspace(0.99, 0.9999, 1000, dtype=torch.float64) * CUTOFF).float()
+    x = distance.double() / CUTOFF
+    exact = (1 - x) ** 3 * (1 + 3 * x + 6 * x**2)
+    single = envelope(distance, CUTOFF).double()
+    assert (single > 0).all()
+    torch.testing.assert_close(single, exact, rtol=5e-3, atol=0)
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
@@ -293,6 +312,36 @@ def test_kernel_float32_online_softmax_is_stable_for_large_logits():
     single = {name: t.float() if t.is_floating_point() else t for name, t in graph.items()}
     out = call(neighbor_attention, single, use_kernel=True)
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def place_edges_at_the_cutoff(tensors, cutoff):
+    """Edges 0 and 6 to |r| = 0.9996 cutoff with logit 21, edge 3 to |r| = cutoff with logit 120 (in place)."""
+    for edge, (fraction, logit) in {0: (0.9996, 21.0), 3: (1.0, 120.0), 6: (0.9996, 21.0)}.items():
+        vector = tensors["edge_vector"][edge]
+        tensors["edge_vector"][edge] = vector / vector.norm() * fraction * cutoff
+        tensors["logit_scale"][edge] = 0.0
+        tensors["logit_bias"][edge] = logit
+
+
+@needs_interpreter
+def test_kernel_float32_is_exact_for_edges_at_the_cutoff_with_large_logits():
+    """Edges near (|r| = 0.9996 cutoff, p ~ 1e-9) and at the cutoff (p = 0) with logits of 21 and 120.
+
+    The first one's weight p e^s is of order one: it needs p to full relative precision. The second
+    one's e^(s - lse) overflows float32, and 0 x inf must not turn its gradients into NaN (training
+    diverged on an H200 this way, from a 54-atom water cluster)."""
+    graph = random_graph([3, 2, 1, 2], num_heads=2, head_dim=4, value_dim=3, seed=11)
+    place_edges_at_the_cutoff(graph, CUTOFF)
+    grad_out = torch.randn(call(neighbor_attention_reference, graph).shape, generator=torch.Generator().manual_seed(3),
+                           dtype=torch.float64)
+    results = {}
+    for dtype, use_kernel in ((torch.float64, False), (torch.float32, True)):
+        inputs = {name: graph[name].to(dtype).requires_grad_() for name in FLOAT_INPUTS}
+        out = call(neighbor_attention, dict(graph, **inputs), use_kernel=use_kernel)
+        results[dtype] = (out, *torch.autograd.grad(out, list(inputs.values()), grad_out.to(dtype)))
+    for name, expected, got in zip(["out", *FLOAT_INPUTS], results[torch.float64], results[torch.float32]):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got.double(), expected, rtol=2e-3, atol=2e-4, msg=lambda m: f"{name}: {m}")
 
 
 @needs_interpreter
