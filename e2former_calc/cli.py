@@ -275,6 +275,9 @@ def _add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", type=Path, help="a training run's split.json: evaluate one of its subsets")
     parser.add_argument("--subset", choices=("train", "val", "test"), default="test", help="with --split (default test)")
     parser.add_argument("--mode", choices=("conservative", "direct"), default="conservative", help="force mode")
+    parser.add_argument("--labels", choices=("trained", "as-is"), default="trained",
+                        help="trained: add the label correction the model was trained with, if any (default); "
+                             "as-is: the files' labels")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float64")
     parser.add_argument("--batch-size", type=int, default=16, help="frames per model call")

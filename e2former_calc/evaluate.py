@@ -8,6 +8,8 @@ Energies are compared per atom (meV/atom), forces per Cartesian component (meV/Ã
 RMSE, over all frames, per cluster size ("5 waters", or "7 atoms" for a frame that is not (H2O)n) and,
 when the frames record one, per `info["source"]` ("dimer", "md-failure", ...).
 The frames of one split of a training run are chosen by the frame ids its split.json recorded.
+A model trained on corrected labels (its training config's data.label_correction, recorded in the
+checkpoint) is compared with the same corrected labels unless `--labels as-is` asks for the files' own.
 """
 
 from __future__ import annotations
@@ -131,12 +133,17 @@ def table_row(label: str, metrics: dict) -> str:
 
 def run(arguments: argparse.Namespace) -> int:
     """`e2former evaluate` (arguments declared in e2former_calc.cli, which stays torch-free)."""
-    from e2former_calc.checkpoint import load_model
+    from e2former_calc.checkpoint import load_model, model_description
+    from e2former_calc.label_correction import PairCorrection, correct_labels
 
     model = load_model(arguments.model, device=arguments.device, dtype=arguments.dtype)
     frames = load_frames(arguments.data)
     if arguments.split is not None:
         frames = frames_of_split(frames, arguments.split, arguments.subset)
+    training_data = model_description(arguments.model)["metadata"].get("training_config", {}).get("data", {})
+    correction = training_data.get("label_correction") if arguments.labels == "trained" else None
+    if correction is not None:
+        frames = correct_labels(frames, PairCorrection.from_dict(correction))
     unknown = {int(z) for atoms in frames for z in atoms.numbers} - set(model.config.species)
     if unknown:
         raise ValueError(f"the data hold {', '.join(chemical_symbols[z] for z in sorted(unknown))}, which "
@@ -146,6 +153,8 @@ def run(arguments: argparse.Namespace) -> int:
     results = metrics_by_size_and_source(frames, energy_error, force_error)
     what = f"{arguments.model} on {len(frames)} frames" + (f" ({arguments.subset} of {arguments.split})" if arguments.split else "")
     print(f"{what}, {arguments.mode} forces, {arguments.dtype}")
+    if correction is not None:
+        print(f"labels corrected as in the model's training (data.label_correction {correction}); --labels as-is to compare with the files' own")
     print(f"{'':>16} {'frames':>6} {'E MAE':>8} {'E RMSE':>8} {'F MAE':>8} {'F RMSE':>8}   (meV/atom, meV/Ã…)")
     for label, metrics in [("overall", results["overall"]), *results["per_cluster_size"].items()]:
         print(table_row(label, metrics))
@@ -156,7 +165,7 @@ def run(arguments: argparse.Namespace) -> int:
     if arguments.output is not None:
         record = {"model": str(arguments.model), "data": arguments.data, "split": str(arguments.split) if arguments.split else None,
                   "subset": arguments.subset if arguments.split else None, "mode": arguments.mode, "dtype": arguments.dtype,
-                  **results}
+                  "label_correction": correction, **results}
         Path(arguments.output).write_text(json.dumps(record, indent=2) + "\n")
     if arguments.plot is not None:
         plot_parity(arguments.plot, data, energy_error, force_error, what)

@@ -16,6 +16,7 @@ from e2former_calc.checkpoint import save_model
 from e2former_calc.cli import main as cli_main
 from e2former_calc.dataset import load_frames
 from e2former_calc.evaluate import error_metrics, metrics_by_size_and_source
+from e2former_calc.label_correction import PairCorrection
 from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
 
 
@@ -141,3 +142,24 @@ def test_unknown_elements_are_named(checkpoint, tmp_path):
     ase.io.write(path, labelled(molecule("CH3OH")), format="extxyz")
     with pytest.raises(ValueError, match=r"the data hold C, which .* does not know \(it knows H, O\)"):
         cli_main(["evaluate", str(checkpoint), str(path)])
+
+
+def test_a_model_trained_on_corrected_labels_is_compared_with_corrected_labels(checkpoint, data_file, tmp_path, capsys):
+    description = json.loads(checkpoint.with_suffix(".json").read_text())
+    correction = {"amplitude_eV": 0.5, "decay_per_A": 0.5, "switch_on_A": 3.0, "cutoff_A": 4.0}
+    description["metadata"] = {"training_config": {"data": {"label_correction": correction}}}
+    corrected_checkpoint = tmp_path / "corrected.json"
+    corrected_checkpoint.write_text(json.dumps(description))
+    (tmp_path / "corrected.safetensors").write_bytes(checkpoint.read_bytes())
+    results = {}
+    for labels in ("trained", "as-is"):
+        out = tmp_path / f"{labels}.json"
+        cli_main(["evaluate", str(corrected_checkpoint), str(data_file), "--labels", labels, "--output", str(out)])
+        results[labels] = json.loads(out.read_text())
+    assert results["trained"]["label_correction"] == correction and results["as-is"]["label_correction"] is None
+    assert "labels corrected as in the model's training" in capsys.readouterr().out
+    # the mean signed energy error moves by the mean correction per atom: the MAEs must differ
+    frames = load_frames([str(data_file)])
+    assert any(PairCorrection.from_dict(correction).energy_and_forces(atoms)[0] > 0.01 for atoms in frames)
+    assert results["trained"]["overall"]["energy_mae_meV_per_atom"] != pytest.approx(results["as-is"]["overall"]["energy_mae_meV_per_atom"])
+
