@@ -47,10 +47,9 @@ from e2former_calc.dataset import (
     fit_reference_energies,
     frame_id,
     frame_labels,
-    load_frames,
 )
 from e2former_calc.evaluate import metrics_by_size_and_source
-from e2former_calc.train import load_config, training_loss
+from e2former_calc.train import labelled_frames, load_config, training_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 OUR_RUN = ROOT / "runs" / "water_small"  # our training run to compare with (--our-run)
@@ -101,9 +100,10 @@ def mace_env(threads: int) -> dict:
 
 # ----------------------------------------------------------------------------- export
 def our_frames_by_split() -> dict[str, list[Atoms]]:
-    """The frames of each split of our run, in split.json order, checked by frame id."""
+    """The frames of each split of our run, in split.json order, checked by frame id, with the labels our run
+    trained on (its data.label_correction applied, if any)."""
     config = load_config(OUR_RUN / "config.yaml")
-    frames = load_frames([str(ROOT / p) if not Path(p).is_absolute() else p for p in config.data.paths])
+    frames = labelled_frames(config.data, ROOT)
     by_id = {atoms.info["frame_id"]: atoms for atoms in frames}
     split = json.loads((OUR_RUN / "split.json").read_text())
     missing = [i for name in SPLITS for i in split[name] if i not in by_id]

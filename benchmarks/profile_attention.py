@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_attention import OUR_INPUTS, build_case, make_problem
+from benchmarks.bench_attention import build_case, make_problem
 from benchmarks.common import environment, synchronize
 
 

@@ -327,6 +327,15 @@ def evaluate_by_size_and_source(model, data: PackedFrames, config: TrainConfig, 
 
 
 # ----------------------------------------------------------------------------- data and model
+def labelled_frames(data: DataConfig, root: Path | None = None) -> list:
+    """The frames of data.paths (relative to `root` when given) with data.label_correction added to their labels."""
+    paths = [str(root / path) if root is not None and not Path(path).is_absolute() else path for path in data.paths]
+    frames = load_frames(paths)
+    if data.label_correction is not None:
+        frames = correct_labels(frames, PairCorrection.from_dict(data.label_correction))
+    return frames
+
+
 def fit_energy_model(frames, model_config: E2FormerConfig, energy_scale: str):
     """Reference energies [K] (eV) by least squares on `frames`, and the model config with energy_scale set.
 
@@ -460,9 +469,7 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
     record_config(run_dir, config, resume)
 
-    frames = load_frames(config.data.paths)
-    if config.data.label_correction is not None:
-        frames = correct_labels(frames, PairCorrection.from_dict(config.data.label_correction))
+    frames = labelled_frames(config.data)
     split = split_frames(frames, config.data.val_fraction, config.data.test_fraction, config.data.split_seed,
                          config.data.group_by, config.data.stratify_by)
     if not split["train"] or not split["val"]:

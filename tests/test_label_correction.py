@@ -1,7 +1,6 @@
 """The pairwise label correction (issue 6: labels that overbind close water pairs): its pair term, energy
-and forces (finite differences, periodic images), the corrected frames, the dimer fit, and its use in training."""
-
-import json
+and forces (finite differences, periodic images), the corrected frames and the dimer fit (training with it:
+test_train.py)."""
 
 import numpy as np
 import pytest
@@ -9,11 +8,8 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from emt_water import water_cluster
-from test_train import data_files, make_config, one_thread  # noqa: F401 (fixtures)
-from e2former_calc.checkpoint import load_model
-from e2former_calc.dataset import element_counts, fit_reference_energies, frame_labels, load_frames
+from e2former_calc.dataset import frame_labels
 from e2former_calc.label_correction import PairCorrection, correct_labels, fit_dimer_correction
-from e2former_calc.train import train
 
 CORRECTION = PairCorrection(amplitude_eV=0.04, decay_per_A=0.75, switch_on_A=4.0, cutoff_A=5.5)
 
@@ -87,19 +83,3 @@ def test_dimer_fit_recovers_known_parameters():
 
     noisy, stats = fit_dimer_correction(distance, truth.pair_energy(distance)[0] + rng.normal(0, 0.005, 60))
     assert noisy.amplitude_eV == pytest.approx(0.05, rel=0.2) and 3 < stats["rmse_meV"] < 7
-
-
-def test_training_learns_the_corrected_labels(data_files, tmp_path):
-    correction = {"amplitude_eV": 1.0, "decay_per_A": 0.5, "switch_on_A": 3.0, "cutoff_A": 4.0}
-    config = make_config(data_files, tmp_path / "run", epochs=1, data__label_correction=correction)
-    model = load_model(train(config)["model"])
-    # the reference energies are fitted on the corrected labels of the training split
-    frames = {atoms.info["frame_id"]: atoms for atoms in correct_labels(load_frames(data_files), PairCorrection(**correction))}
-    train_frames = [frames[i] for i in json.loads((tmp_path / "run" / "split.json").read_text())["train"]]
-    assert any(atoms.info["label_correction_eV"] > 0.01 for atoms in train_frames)
-    counts = element_counts(train_frames, model.config.species)
-    expected, _ = fit_reference_energies(counts, np.array([frame_labels(atoms)[0] for atoms in train_frames]))
-    np.testing.assert_allclose(model.reference_energy.numpy(), expected, rtol=1e-6)
-
-    with pytest.raises(ValueError, match="unknown keys in the label correction"):
-        make_config(data_files, tmp_path / "other", data__label_correction={"amplitude_eV": 1.0, "decay": 0.5})

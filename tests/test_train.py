@@ -21,6 +21,7 @@ from emt_water import water_cluster
 from e2former_calc.checkpoint import load_model
 from e2former_calc.dataset import element_counts, fit_reference_energies, frame_id, frame_labels, load_frames, split_frames
 from e2former_calc.cli import main as cli_main
+from e2former_calc.label_correction import PairCorrection, correct_labels
 import e2former_calc.train as train_module
 from e2former_calc.train import LossConfig, TrainConfig, TrainingDiverged, load_config, loss_terms, train, warmup_cosine
 
@@ -406,3 +407,19 @@ def test_conservative_phase_can_weight_energy_differently():
     assert direct.item() == pytest.approx(10.0 * 1e-4)
     assert conservative.item() == pytest.approx(1000.0 * 1e-4)
     assert LossConfig(energy_weight=10.0).for_mode("conservative").energy_weight == 10.0
+
+
+def test_training_learns_the_corrected_labels(data_files, tmp_path):
+    correction = {"amplitude_eV": 1.0, "decay_per_A": 0.5, "switch_on_A": 3.0, "cutoff_A": 4.0}
+    config = make_config(data_files, tmp_path / "run", epochs=1, data__label_correction=correction)
+    model = load_model(train(config)["model"])
+    # the reference energies are fitted on the corrected labels of the training split
+    frames = {atoms.info["frame_id"]: atoms for atoms in correct_labels(load_frames(data_files), PairCorrection.from_dict(correction))}
+    train_frames = [frames[i] for i in json.loads((tmp_path / "run" / "split.json").read_text())["train"]]
+    assert any(atoms.info["label_correction_eV"] > 0.01 for atoms in train_frames)
+    counts = element_counts(train_frames, model.config.species)
+    expected, _ = fit_reference_energies(counts, np.array([frame_labels(atoms)[0] for atoms in train_frames]))
+    np.testing.assert_allclose(model.reference_energy.numpy(), expected, rtol=1e-6)
+
+    with pytest.raises(ValueError, match="unknown keys in the label correction"):
+        make_config(data_files, tmp_path / "other", data__label_correction={"amplitude_eV": 1.0, "decay": 0.5})
