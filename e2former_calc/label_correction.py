@@ -77,7 +77,7 @@ class PairCorrection:
         """The correction's energy (eV) and forces [n_atoms, 3] (eV/Å) for `atoms`, periodic images included."""
         symbols = np.array(atoms.get_chemical_symbols())
         first, second, distance, vector = NeighborList(cutoff=self.cutoff_A, full_list=False).compute(
-            points=atoms.get_positions(), box=atoms.cell.array, periodic=bool(atoms.pbc.any()), quantities="ijdD"
+            points=atoms.get_positions(), box=atoms.cell.array, periodic=atoms.pbc.tolist(), quantities="ijdD"
         )
         a, b = self.elements
         keep = ((symbols[first] == a) & (symbols[second] == b)) | ((symbols[first] == b) & (symbols[second] == a))

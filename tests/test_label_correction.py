@@ -49,6 +49,8 @@ def test_periodic_images_are_pairs_too():
     # the neighbour at +4.5 Å and its image at -4.5 Å: two pairs, equal and opposite pulls
     assert energy == pytest.approx(2 * CORRECTION.pair_energy(np.array(4.5))[0])
     np.testing.assert_allclose(forces, 0, atol=1e-12)
+    atoms.pbc = [False, True, True]  # periodic only across the pair: one pair
+    assert CORRECTION.energy_and_forces(atoms)[0] == pytest.approx(CORRECTION.pair_energy(np.array(4.5))[0])
 
 
 def test_corrected_frames_add_the_correction_and_leave_the_input_alone():
