@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from e2former_calc.rdf import EXPERIMENTS, load_experimental_rdf  # noqa: E402
+from e2former_calc.rdf import EXPERIMENTS, load_experimental_rdf, plot_rdf_curves
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,19 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="PNG path")
     args = parser.parse_args(argv)
 
-    experiment = load_experimental_rdf(args.experiment)
-    figure, axes = plt.subplots(figsize=(6.5, 4.2), dpi=150)
-    shown = experiment.r <= 8.0
-    axes.plot(experiment.r[shown], experiment.g[shown], color="black", lw=1.6, label=f"experiment ({experiment.name})")
+    curves = []
     for curve in args.curves:
         path, _, label = curve.partition("=")
         r, g = np.loadtxt(path, delimiter=",", comments="#").T
-        axes.plot(r, g, lw=1.3, label=label or path)
-    axes.axhline(1.0, color="grey", lw=0.5, ls=":")
-    axes.set(xlabel="r (Å)", ylabel="g$_{OO}$(r)", xlim=(2.0, 8.0), title=args.title)
-    axes.legend(frameon=False)
-    figure.tight_layout()
-    figure.savefig(args.out)
+        curves.append((label or path, r, g))
+    plot_rdf_curves(args.out, curves, load_experimental_rdf(args.experiment), title=args.title)
     print(f"wrote {args.out}")
     return 0
 

@@ -13,7 +13,7 @@ finite box distorts the result.
 
 The shipped experimental tables (package data `data/water_rdf/`, citations in their headers
 and README) load with `load_experimental_rdf`; `rdf_metrics` and `compare_with_experiment`
-give JSON-ready numbers, `plot_rdf` a PNG and `write_rdf_csv` a table.
+give JSON-ready numbers, `plot_rdf` (`plot_rdf_curves` for several) a PNG and `write_rdf_csv` a table.
 """
 
 from __future__ import annotations
@@ -258,21 +258,38 @@ def plot_rdf(
     label: str = "simulation",
 ) -> None:
     """Write a PNG of `result`'s g(r), with `experiment` overlaid when given."""
+    plot_rdf_curves(path, [(label, result.r, result.g)], experiment, pair=result.pair, rmax=result.rmax)
+
+
+def plot_rdf_curves(
+    path: str | os.PathLike,
+    curves: list[tuple[str, np.ndarray, np.ndarray]],
+    experiment: ExperimentalRDF | None = None,
+    pair: tuple[str, str] = ("O", "O"),
+    rmax: float | None = None,
+    title: str = "",
+) -> None:
+    """Write a PNG of several g(r) curves, (label, r in Å, g) each, with `experiment` overlaid when
+    given; the x axis ends at `rmax` (default: the largest r of the curves), or at 8 Å with an experiment."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    rmax = max(float(r[-1]) for _, r, _ in curves) if rmax is None else rmax
     figure = Figure(figsize=(6, 4), dpi=150)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     if experiment is not None:
-        shown = experiment.r <= max(result.rmax, 8.0)
+        shown = experiment.r <= max(rmax, 8.0)
         axes.plot(experiment.r[shown], experiment.g[shown], color="black", lw=1.2,
                   label=f"experiment ({experiment.name})")
-    axes.plot(result.r, result.g, color="tab:red", lw=1.5, label=label)
+    for label, r, g in curves:
+        axes.plot(r, g, color="tab:red" if len(curves) == 1 else None, lw=1.5, label=label)
     axes.axhline(1.0, color="grey", lw=0.5, ls=":")
     axes.set_xlabel("r (Å)")
-    axes.set_ylabel(f"g$_{{{result.pair[0]}{result.pair[1]}}}$(r)")
-    axes.set_xlim(0, max(result.rmax, 8.0) if experiment is not None else result.rmax)
+    axes.set_ylabel(f"g$_{{{pair[0]}{pair[1]}}}$(r)")
+    axes.set_xlim(0, max(rmax, 8.0) if experiment is not None else rmax)
+    if title:
+        axes.set_title(title)
     axes.legend(frameon=False)
     figure.tight_layout()
     figure.savefig(path)
