@@ -19,7 +19,7 @@ Steps (each a sub-command; `all` runs them in order):
     nohup nice -n 10 python benchmarks/mace_baseline.py all --wait > runs/mace/baseline.log 2>&1 &
 
 Writes benchmarks/results/mace_water_cpu.json (mace_water_gpu.json with --device cuda, where MACE trains
-and predicts on the GPU with the same hyper-parameters).
+and predicts on the GPU with the same hyper-parameters), or the path given by --out.
 """
 
 from __future__ import annotations
@@ -302,7 +302,8 @@ def validation_history(log_path: Path) -> list[str]:
     return [line.split("INFO: ", 1)[1] for line in log_path.read_text().splitlines() if re.search(r"INFO: Epoch \d+:", line)]
 
 
-def evaluate(threads: int) -> dict:
+def evaluate(threads: int, out: Path | None = None) -> dict:
+    """Predict val and test with both MACE stages; write the results JSON to `out` (default: by device)."""
     config = load_config(OUR_RUN / "config.yaml")
     subsets = our_frames_by_split()
     # The exported files must still hold exactly these frames.
@@ -369,11 +370,11 @@ def evaluate(threads: int) -> dict:
                  "epochs_logged": len(our_epochs), "training_wall_s_sum_of_epochs": sum(e.get("time_s", 0) for e in our_epochs)}
         if ours else None,
     }
-    path = RESULTS_DIR / f"mace_water_{'gpu' if HYPER['device'] == 'cuda' else 'cpu'}.json"
+    path = out or RESULTS_DIR / f"mace_water_{'gpu' if HYPER['device'] == 'cuda' else 'cpu'}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
     return results
 
 
@@ -405,6 +406,7 @@ def main() -> None:
     parser.add_argument("--wait", action="store_true", help="poll for our run's test_metrics.json before training")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where MACE trains and predicts")
     parser.add_argument("--venv", type=Path, default=VENV, help="environment with mace-torch (bin/python, bin/mace_run_train)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: benchmarks/results/mace_water_{cpu,gpu}.json)")
     args = parser.parse_args()
     OUR_RUN, VENV = args.our_run.resolve(), args.venv.resolve()
     HYPER["device"] = args.device
@@ -413,7 +415,7 @@ def main() -> None:
     if args.step in ("train", "all"):
         train(args.budget_min, args.epochs, args.threads, args.wait, args.deadline)
     if args.step in ("evaluate", "all"):
-        evaluate(args.threads)
+        evaluate(args.threads, args.out)
 
 
 if __name__ == "__main__":
