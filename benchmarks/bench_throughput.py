@@ -25,6 +25,10 @@ Models:
                          per-edge keys, values and messages (E×H×D, E×H×C, E×3×H×C)
   e2former_*_recompute   conservative mode that keeps only each block's input for the force pass
                          and recomputes the block there (E2FormerCalculator(recompute=True))
+  e2former_*_graph       the step captured once per N as one CUDA graph and replayed
+                         (e2former_calc.cuda_graph.CapturedModel, as E2FormerCalculator(cuda_graph=True)
+                         does in MD); CUDA only, and only up to GRAPH_MAX_ATOMS, where steps are
+                         bound by kernel launches
   mace                   mace-torch 0.3.16 ScaleShiftMACE, e3nn backend: 128x0e+128x1o,
                          max_ell 3, correlation 3, 2 interactions, 6 Å; conservative only
   esen_sm                fairchem-core eSCNMDBackbone with UMA-S's backbone (K4L2: 128 sphere
@@ -83,12 +87,17 @@ BUDGETS_S = {
     ("e2former_paper_naive", "conservative"): 15,
     ("e2former_paper_recompute", "conservative"): 45,
     ("e2former_water_small_recompute", "conservative"): 40,
+    ("e2former_paper_graph", "direct"): 15,
+    ("e2former_paper_graph", "conservative"): 15,
+    ("e2former_water_small_graph", "direct"): 15,
+    ("e2former_water_small_graph", "conservative"): 15,
     ("mace", "conservative"): 50,
     ("esen_sm", "direct"): 30,
     ("esen_sm", "conservative"): 30,
 }
 OUR_MODELS = ("e2former_paper", "e2former_water_small", "e2former_paper_naive", "e2former_paper_recompute",
-              "e2former_water_small_recompute")
+              "e2former_water_small_recompute", "e2former_paper_graph", "e2former_water_small_graph")
+GRAPH_MAX_ATOMS = 10_000  # above this a step is long enough that launches no longer matter
 PEERS = ("mace", "esen_sm")
 PEER_STARTUP_S = 45  # imports, model build and neighbour lists of a peer subprocess, on top of its budgets
 NOT_RUN = {
@@ -178,6 +187,7 @@ class Contender:
     mode: str
     make_step: Callable[[AtomicGraph], Callable[[], object]]
     budget_s: float
+    max_atoms: int | None = None  # larger N are "skipped (size)"
 
 
 @contextlib.contextmanager
@@ -214,16 +224,23 @@ def e2former_configs() -> dict:
         "e2former_paper_naive": E2FormerConfig(cutoff=CUTOFF),
         "e2former_paper_recompute": E2FormerConfig(cutoff=CUTOFF),
         "e2former_water_small_recompute": E2FormerConfig.from_dict(water),
+        "e2former_paper_graph": E2FormerConfig(cutoff=CUTOFF),
+        "e2former_water_small_graph": E2FormerConfig.from_dict(water),
     }
 
 
 def e2former_contenders(names, modes, device, budget_scale) -> tuple[list[Contender], dict]:
     """Contenders for our models (random weights, seed 0) and a description of each model."""
+    from e2former_calc.cuda_graph import CapturedModel
     from e2former_calc.models.e2former import E2FormerV2
 
     contenders, info = [], {}
     for name, config in e2former_configs().items():
+        graphed = name.endswith("_graph")
         if name not in names:
+            continue
+        if graphed and device.type != "cuda":
+            info[name] = {"not_run": "CUDA graphs need a CUDA device"}
             continue
         torch.manual_seed(0)
         model = E2FormerV2(config).to(device).eval()
@@ -234,14 +251,16 @@ def e2former_contenders(names, modes, device, budget_scale) -> tuple[list[Conten
         for mode in modes:
             if (name, mode) in NOT_RUN:
                 continue
-            def make_step(graph, model=model, mode=mode, naive=naive):
+            def make_step(graph, model=model, mode=mode, naive=naive, graphed=graphed):
+                evaluate = CapturedModel(model) if graphed else model  # captured at the first (warm-up) step
                 def step():
                     context = reference_attention() if naive else contextlib.nullcontext()
                     grad = torch.no_grad() if mode == "direct" else contextlib.nullcontext()
                     with context, grad:
-                        return model(graph, compute_forces=True, mode=mode)["forces"]
+                        return evaluate(graph, compute_forces=True, mode=mode)["forces"]
                 return step
-            contenders.append(Contender(name, mode, make_step, budget_scale * BUDGETS_S[(name, mode)]))
+            contenders.append(Contender(name, mode, make_step, budget_scale * BUDGETS_S[(name, mode)],
+                                        GRAPH_MAX_ATOMS if graphed else None))
     return contenders, info
 
 
@@ -400,6 +419,8 @@ class Sweep:
         row = {"model": contender.model, "mode": contender.mode, "num_atoms": n, "num_edges": graph.num_edges}
         if self.stopped[key]:
             return {**row, "status": self.stopped[key]}
+        if contender.max_atoms is not None and n > contender.max_atoms:
+            return {**row, "status": "skipped (size)"}
         remaining = min(contender.budget_s - self.spent[key], self.deadline - time.monotonic())
         predicted, larger = None, [size for size in self.sizes if size > n]
         if self.last[key] is not None:
