@@ -372,7 +372,7 @@ about half the reference interaction energy in the first shell, and 2 meV at 5.5
 over-structured (first g_OO peak 19–26% too high). The files keep the labels as computed; training can add
 an O–O pair repulsion fitted to those dimers (`e2former_calc.label_correction`, 5.6 meV leave-one-out RMSE,
 `benchmarks/results/label_correction_fit.json`) through the config key `data.label_correction`, as the
-shipped model did: its liquid then matches experiment (first peak height 2.74 against 2.58).
+shipped model did: its liquid then matches experiment (first peak height 2.85 against 2.58 over 50 ps).
 
 ## Licence
 CC BY 4.0. Produced for the e2former-calc project with PySCF (Apache-2.0) and OpenMM (MIT/LGPL).
