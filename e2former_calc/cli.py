@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 from ase import Atoms
+from ase.data import chemical_symbols
 
 # Modules imported when the parser is built; importing one registers its subcommands.
 SUBCOMMAND_MODULES: tuple[str, ...] = ()
@@ -293,3 +294,50 @@ def _run_evaluate(arguments: argparse.Namespace) -> int:
 
 register_subcommand(Subcommand("evaluate", "energy and force errors of a model on labelled frames",
                                _add_evaluate_arguments, _run_evaluate))
+
+
+# ---------------------------------------------------------------------------------------------
+# e2former models
+
+
+def _add_models_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the listing as JSON")
+
+
+def shipped_models() -> list[dict]:
+    """Each registered model's name, elements, cutoff (Å), held-out test errors, weights hash and card."""
+    from e2former_calc.checkpoint import PRETRAINED_DIR, model_description, registered_models
+
+    listing = []
+    for name, entry in registered_models().items():
+        description = model_description(name)
+        test = description.get("metadata", {}).get("metrics", {}).get("test", {}).get("overall", {})
+        card = PRETRAINED_DIR / "MODEL_CARD.md"
+        listing.append({
+            "name": name,
+            "elements": [chemical_symbols[number] for number in description["species"]],
+            "cutoff_angstrom": description["cutoff"],
+            "test_energy_mae_meV_per_atom": test.get("energy_mae_meV_per_atom"),
+            "test_force_mae_meV_per_A": test.get("force_mae_meV_per_A"),
+            "weights_sha256": description["weights_sha256"],
+            "description": entry["description"],
+            "card": str(card) if card.exists() else None,
+        })
+    return listing
+
+
+def _run_models(arguments: argparse.Namespace) -> int:
+    listing = shipped_models()
+    if arguments.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for model in listing:
+        errors = (f"test E MAE {model['test_energy_mae_meV_per_atom']:.2f} meV/atom, "
+                  f"F MAE {model['test_force_mae_meV_per_A']:.1f} meV/Å"
+                  if model["test_force_mae_meV_per_A"] is not None else "no test metrics recorded")
+        print(f"{model['name']}: {' '.join(model['elements'])}, cutoff {model['cutoff_angstrom']} Å, {errors}, "
+              f"sha256 {model['weights_sha256'][:12]}…\n    {model['description']}\n    card: {model['card']}")
+    return 0
+
+
+register_subcommand(Subcommand("models", "list the shipped pretrained models", _add_models_arguments, _run_models))

@@ -77,3 +77,22 @@ def test_registered_subcommand_is_dispatched(monkeypatch):
     assert calls == ["hello"]
     with pytest.raises(ValueError, match="already registered"):
         cli.register_subcommand(cli.Subcommand("echo", "again", lambda p: None, lambda a: 0))
+
+
+def test_models_lists_the_shipped_model_with_its_card_numbers(capsys):
+    from e2former_calc.checkpoint import model_description
+
+    assert cli.main(["models", "--json"]) == 0
+    listing = {model["name"]: model for model in json.loads(capsys.readouterr().out)}
+    shipped = listing["e2former-v2-water-s"]
+    description = model_description("e2former-v2-water-s")
+    assert shipped["elements"] == ["H", "O"]
+    assert shipped["cutoff_angstrom"] == description["cutoff"]
+    assert shipped["weights_sha256"] == description["weights_sha256"]
+    test = description["metadata"]["metrics"]["test"]["overall"]
+    assert shipped["test_force_mae_meV_per_A"] == test["force_mae_meV_per_A"]
+
+    assert cli.main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("e2former-v2-water-s: H O, cutoff 5.0 Å")
+    assert description["weights_sha256"][:12] in text
