@@ -229,8 +229,9 @@ def e2former_configs() -> dict:
     }
 
 
-def e2former_contenders(names, modes, device, budget_scale) -> tuple[list[Contender], dict]:
-    """Contenders for our models (random weights, seed 0) and a description of each model."""
+def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) -> tuple[list[Contender], dict]:
+    """Contenders for our models (random weights, seed 0) and a description of each model; `chunk_atoms`
+    (default: the model's) sets the chunk size of chunked evaluation (no autograd, or recomputation)."""
     from e2former_calc.cuda_graph import CapturedModel
     from e2former_calc.models.e2former import E2FormerV2
 
@@ -245,7 +246,9 @@ def e2former_contenders(names, modes, device, budget_scale) -> tuple[list[Conten
         torch.manual_seed(0)
         model = E2FormerV2(config).to(device).eval()
         model.recompute_blocks = name.endswith("_recompute")
+        model.chunk_atoms = chunk_atoms or model.chunk_atoms
         info[name] = {"parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict(),
+                      "chunk_atoms": model.chunk_atoms,
                       "attention": "PyTorch reference" if name.endswith("_naive") else "fused Triton kernel on CUDA"}
         naive = name.endswith("_naive")
         for mode in modes:
@@ -620,6 +623,8 @@ def parse_args(argv=None):
     parser.add_argument("--mace-site", default="/tmp/site_mace", help="folder with mace-torch and e3nn 0.4.4 installed")
     parser.add_argument("--fairchem-site", default="/tmp/site_fairchem", help="folder with fairchem-core installed")
     parser.add_argument("--no-peers", action="store_true", help="only our models")
+    parser.add_argument("--chunk-atoms", type=int, help="target atoms per chunk of our models' chunked evaluation "
+                        "(direct mode, and conservative with recomputation; default 65536)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"quick check: N in {SMOKE_SIZES}, 1 warm-up and 1 timed step")
     parser.add_argument("--commit", default=None, help="commit to record (the device copy has no .git)")
@@ -685,7 +690,7 @@ def main(argv=None) -> None:
         data["environment"]["gpu_memory_gb"] = torch.cuda.get_device_properties(device).total_memory / 1e9
     data["environment"]["vesin_torch"] = TorchNeighborList is not None
     ours = [name for name in OUR_MODELS if name in args.models]
-    contenders, info = e2former_contenders(ours, args.modes, device, args.budget_scale)
+    contenders, info = e2former_contenders(ours, args.modes, device, args.budget_scale, args.chunk_atoms)
     data["models"].update(info)
     results.save()
     print(f"\n--- ours on {data['environment']['device']}", flush=True)

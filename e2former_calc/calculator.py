@@ -74,8 +74,12 @@ class E2FormerCalculator(Calculator):
             searches in MD). 0 searches on every call. `calculate_batch` always searches.
     recompute: conservative mode keeps only each block's input for the force pass and recomputes
             the block's activations there, chunk of atoms by chunk for systems above
-            `model.chunk_atoms` (the same results; less GPU memory for the largest systems, at
+            `chunk_atoms` (the same results; less GPU memory for the largest systems, at
             the cost of a second forward pass through the blocks).
+    chunk_atoms: target atoms per chunk when the network goes chunk by chunk (with `recompute`, or
+            without autograd: direct mode); None keeps the model's default (65,536). Smaller
+            chunks hold fewer activations at once (the peak of a recomputed block scales with
+            it), at the cost of more, smaller kernel launches.
     cuda_graph: on CUDA with skin > 0, capture the evaluation as a CUDA graph and replay it at
             every call (`e2former_calc.cuda_graph`): for small systems, whose steps are bound by
             kernel launches. The graph keeps every pair within cutoff + skin of the last search
@@ -95,6 +99,7 @@ class E2FormerCalculator(Calculator):
         spatial_sort: bool = True,
         skin: float = 0.0,
         recompute: bool = False,
+        chunk_atoms: int | None = None,
         cuda_graph: bool = False,
         **kwargs,
     ):
@@ -111,6 +116,10 @@ class E2FormerCalculator(Calculator):
             self.model = load_model(model, self.device, self.dtype)
             self.model.requires_grad_(False)  # our own copy: no parameter gradients needed
         self.model.recompute_blocks = recompute
+        if chunk_atoms is not None:
+            if isinstance(chunk_atoms, bool) or not isinstance(chunk_atoms, int) or chunk_atoms < 1:
+                raise ValueError(f"chunk_atoms must be a positive integer (target atoms per chunk), got {chunk_atoms!r}")
+            self.model.chunk_atoms = chunk_atoms
         self.config = self.model.config
         self.graph_builder = VerletGraphBuilder(self.config.cutoff, skin, self.dtype, self.device, spatial_sort)
         self.captured = None

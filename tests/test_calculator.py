@@ -220,6 +220,7 @@ def test_stress_of_non_periodic_system_is_refused(calc):
         ({"model": "e2former-v9-xl"}, r"neither a registered model name \(known: \[.*'e2former-v2-water-s'"),
         ({"model": "weights.pt"}, "pickle/zip checkpoint"),
         ({"device": "cpu", "cuda_graph": True, "skin": 1.0}, "cuda_graph=True needs a CUDA device"),
+        ({"chunk_atoms": 0}, "chunk_atoms must be a positive integer"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, message):
@@ -277,6 +278,24 @@ def test_recompute_gives_the_same_results_and_runs_blocks_twice():
         np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
     blocks = recompute.model.config.num_blocks
     assert calls == list(range(blocks)) + list(reversed(range(blocks)))  # forward, then again backwards
+
+
+def test_small_chunks_with_recompute_give_the_same_results():
+    plain, chunked = calculator(), calculator(recompute=True, chunk_atoms=5)
+    chunked.model.load_state_dict(plain.model.state_dict())
+    atoms = build_water_box(8, seed=4)  # 24 atoms: five chunks, the last one short
+    updates = []
+    attention = chunked.model.attentions[0]
+    update = attention.chunk_update
+    attention.chunk_update = lambda *args: updates.append(args[2]) or update(*args)
+    results = []
+    for calc in (plain, chunked):
+        atoms.calc = calc
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    for reference, ours in zip(*results):
+        np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
+    first_pass = [(chunk.atoms.start, chunk.atoms.stop) for chunk in updates[:5]]
+    assert first_pass == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 24)]
 
 
 def test_static_graph_matches_the_filtered_graph_between_and_across_searches():
