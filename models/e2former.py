@@ -376,6 +376,26 @@ class EquivariantAttention(nn.Module):
         return torch.cat([self.output[l](stacked[l]) for l in range(cfg.l_max + 1)], dim=1)
 
 
+class ScatterSum(torch.autograd.Function):
+    """out[index[e]] += source[e]: [E, ...] rows summed into [num_rows, ...].
+
+    The same as `index_add`, but autograd keeps only the index for the backward pass, where
+    `index_add` keeps the whole source as well: for the degree embedding's [E, (L+1)^2, R] edge
+    terms that is ~30 kB per atom held until the force pass. The backward is an `index_select`
+    of the incoming gradient, itself differentiable (double backward, for force training).
+    """
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return source.new_zeros((num_rows, *source.shape[1:])).index_add_(0, index, source)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
 class DegreeEmbedding(nn.Module):
     """Initial features from the neighbourhood (DESIGN §3), for every degree l = 0..L:
 
@@ -401,7 +421,7 @@ class DegreeEmbedding(nn.Module):
             radial = radial_basis[edges] * self.source_species(species_index[graph.source_index[edges]])
             radial = radial * envelope(distance[edges], cfg.cutoff)[:, None]
             edge_terms = harmonics[:, :, None] * radial[:, None, :]  # [e, (L+1)^2, num_radial]
-            summed = summed.index_add(0, graph.target_index[edges], edge_terms)
+            summed = summed + ScatterSum.apply(edge_terms, graph.target_index[edges], graph.num_atoms)
         return self.linear(summed / cfg.avg_num_neighbors)
 
 

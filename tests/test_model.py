@@ -9,7 +9,7 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
-from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
+from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2, ScatterSum
 from e2former_calc.models.so3 import wigner_D
 from e2former_calc.neighbors import build_graph
 from e2former_calc.water import build_water_box
@@ -273,3 +273,18 @@ def test_recomputed_force_pass_in_target_chunks_matches_plain_autograd():
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-11, atol=1e-12)
     chunks = len(graph.target_chunks(5))
     assert chunks > 3 and len(calls) > chunks  # every chunk once forward, again in the force pass
+
+
+def test_scatter_sum_equals_index_add_and_keeps_only_the_index():
+    generator = torch.Generator().manual_seed(0)
+    source = torch.randn(11, 3, 2, dtype=torch.float64, generator=generator, requires_grad=True)
+    index = torch.tensor([4, 0, 4, 2, 2, 2, 0, 5, 4, 1, 5])  # ragged; row 3 receives nothing
+    expected = torch.zeros(6, 3, 2, dtype=torch.float64).index_add(0, index, source)
+    torch.testing.assert_close(ScatterSum.apply(source, index, 6), expected, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(ScatterSum.apply, (source, index, 6))
+    assert torch.autograd.gradgradcheck(ScatterSum.apply, (source, index, 6))
+
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        ScatterSum.apply(source * 1.0, index, 6)  # the product keeps nothing of size source (scalar factor)
+    assert torch.Size([11, 3, 2]) not in kept
