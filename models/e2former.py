@@ -381,7 +381,7 @@ class ScatterSum(torch.autograd.Function):
 
     The same as `index_add`, but autograd keeps only the index for the backward pass, where
     `index_add` keeps the whole source as well: for the degree embedding's [E, (L+1)^2, R] edge
-    terms that is ~30 kB per atom held until the force pass. The backward is an `index_select`
+    terms ~29 kB per atom (paper size, 50 neighbours) held until the force pass. The backward is an `index_select`
     of the incoming gradient, itself differentiable (double backward, for force training).
     """
 
