@@ -246,7 +246,7 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
         torch.manual_seed(0)
         model = E2FormerV2(config).to(device).eval()
         model.recompute_blocks = name.endswith("_recompute")
-        model.chunk_atoms = chunk_atoms or model.chunk_atoms
+        model.chunk_atoms = model.chunk_atoms if chunk_atoms is None else chunk_atoms
         info[name] = {"parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict(),
                       "chunk_atoms": model.chunk_atoms,
                       "attention": "PyTorch reference" if name.endswith("_naive") else "fused Triton kernel on CUDA"}
@@ -632,6 +632,8 @@ def parse_args(argv=None):
                         else "throughput.json", help="JSON results (default $OUT/throughput.json if OUT is set)")
     parser.add_argument("--peer", choices=PEERS, help=argparse.SUPPRESS)  # internal: run inside a peer subprocess
     args = parser.parse_args(argv)
+    if args.chunk_atoms is not None and args.chunk_atoms < 1:
+        parser.error(f"--chunk-atoms must be a positive number of atoms, got {args.chunk_atoms}")
     if args.smoke:  # slow CPUs: tiny systems, one step each, budgets that skip nothing
         args.sizes = args.sizes or list(SMOKE_SIZES)
         args.max_warmup = args.max_repeats = 1

@@ -308,11 +308,11 @@ def shipped_models() -> list[dict]:
     """Each registered model's name, elements, cutoff (Å), held-out test errors, weights hash and card."""
     from e2former_calc.checkpoint import PRETRAINED_DIR, model_description, registered_models
 
+    card = PRETRAINED_DIR / "MODEL_CARD.md"
     listing = []
     for name, entry in registered_models().items():
         description = model_description(name)
         test = description.get("metadata", {}).get("metrics", {}).get("test", {}).get("overall", {})
-        card = PRETRAINED_DIR / "MODEL_CARD.md"
         listing.append({
             "name": name,
             "elements": [chemical_symbols[number] for number in description["species"]],

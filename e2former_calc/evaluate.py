@@ -140,7 +140,7 @@ def run(arguments: argparse.Namespace) -> int:
     frames = load_frames(arguments.data)
     if arguments.split is not None:
         frames = frames_of_split(frames, arguments.split, arguments.subset)
-    training_data = model_description(arguments.model)["metadata"].get("training_config", {}).get("data", {})
+    training_data = model_description(arguments.model).get("metadata", {}).get("training_config", {}).get("data", {})
     correction = training_data.get("label_correction") if arguments.labels == "trained" else None
     if correction is not None:
         frames = correct_labels(frames, PairCorrection.from_dict(correction))

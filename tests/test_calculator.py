@@ -41,6 +41,15 @@ def water_box(n_molecules=4, seed=1):
     return atoms
 
 
+def energy_forces_stress(atoms, *calculators):
+    """[(energy, forces, stress)] of `atoms` with each calculator in turn."""
+    results = []
+    for calc in calculators:
+        atoms.calc = calc
+        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
+    return results
+
+
 def energy(atoms, calc):
     atoms = atoms.copy()
     atoms.calc = calc
@@ -253,11 +262,7 @@ def test_verlet_skin_gives_the_same_results_along_a_trajectory():
     rng = np.random.default_rng(1)
     for _ in range(8):
         atoms.positions += rng.normal(scale=0.04, size=atoms.positions.shape) + [0.05, 0.0, -0.03]
-        results = []
-        for calc in (rebuilt, verlet):
-            atoms.calc = calc
-            results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
-        for reference, ours in zip(*results):
+        for reference, ours in zip(*energy_forces_stress(atoms, rebuilt, verlet)):
             np.testing.assert_array_equal(ours, reference)
     assert rebuilt.graph_builder.searches == 8
     assert verlet.graph_builder.searches < 4
@@ -270,11 +275,7 @@ def test_recompute_gives_the_same_results_and_runs_blocks_twice():
     calls = []
     block = recompute.model.block
     recompute.model.block = lambda index, *args: calls.append(index) or block(index, *args)
-    results = []
-    for calc in (plain, recompute):
-        atoms.calc = calc
-        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
-    for reference, ours in zip(*results):
+    for reference, ours in zip(*energy_forces_stress(atoms, plain, recompute)):
         np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
     blocks = recompute.model.config.num_blocks
     assert calls == list(range(blocks)) + list(reversed(range(blocks)))  # forward, then again backwards
@@ -288,11 +289,7 @@ def test_small_chunks_with_recompute_give_the_same_results():
     attention = chunked.model.attentions[0]
     update = attention.chunk_update
     attention.chunk_update = lambda *args: updates.append(args[2]) or update(*args)
-    results = []
-    for calc in (plain, chunked):
-        atoms.calc = calc
-        results.append((atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()))
-    for reference, ours in zip(*results):
+    for reference, ours in zip(*energy_forces_stress(atoms, plain, chunked)):
         np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
     first_pass = [(chunk.atoms.start, chunk.atoms.stop) for chunk in updates[:5]]
     assert first_pass == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 24)]
