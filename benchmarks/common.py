@@ -4,25 +4,20 @@ device-to-device copy bandwidth, and a guard that turns a failing case into a re
 from __future__ import annotations
 
 import datetime
-import os
 import platform
-import subprocess
 import sys
 import time
 
 import torch
 
+from e2former_calc.provenance import source_commit
+
 
 def environment() -> dict:
     """Device, versions, date, git commit and command line of this run (for results files)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": source_commit(),
         "command": " ".join([sys.executable, *sys.argv]),
         "python": platform.python_version(),
         "torch": torch.__version__,

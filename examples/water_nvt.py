@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from e2former_calc.calculator import md_acceleration
 from e2former_calc.checkpoint import PRETRAINED_DIR, registered_models
 from e2former_calc.cli import add_acceleration_arguments, rigid_tip3p_water
 from e2former_calc.md import RESTART_NAME, MDWatchdogError, read_md_log, run_md
+from e2former_calc.provenance import source_commit
 from e2former_calc.rdf import compare_with_experiment, compute_rdf, load_experimental_rdf, plot_rdf, write_rdf_csv
 from e2former_calc.water import build_water_box
 
@@ -323,12 +323,8 @@ def _device_name(calculator) -> str:
 
 def _environment(argv: list[str] | None) -> dict:
     """Commit, command line and versions of this invocation."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     arguments = sys.argv[1:] if argv is None else argv
-    return {"commit": commit, "command": " ".join(["python", "examples/water_nvt.py", *arguments]),
+    return {"commit": source_commit(), "command": " ".join(["python", "examples/water_nvt.py", *arguments]),
             "python": platform.python_version(), "torch": torch.__version__}
 
 
