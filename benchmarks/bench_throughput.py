@@ -237,9 +237,9 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
 
     contenders, info = [], {}
     for name, config in e2former_configs().items():
-        graphed = name.endswith("_graph")
         if name not in names:
             continue
+        graphed, naive = name.endswith("_graph"), name.endswith("_naive")
         if graphed and device.type != "cuda":
             info[name] = {"not_run": "CUDA graphs need a CUDA device"}
             continue
@@ -249,8 +249,7 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
         model.chunk_atoms = model.chunk_atoms if chunk_atoms is None else chunk_atoms
         info[name] = {"parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict(),
                       "chunk_atoms": model.chunk_atoms,
-                      "attention": "PyTorch reference" if name.endswith("_naive") else "fused Triton kernel on CUDA"}
-        naive = name.endswith("_naive")
+                      "attention": "PyTorch reference" if naive else "fused Triton kernel on CUDA"}
         for mode in modes:
             if (name, mode) in NOT_RUN:
                 continue
