@@ -623,7 +623,7 @@ def parse_args(argv=None):
     parser.add_argument("--fairchem-site", default="/tmp/site_fairchem", help="folder with fairchem-core installed")
     parser.add_argument("--no-peers", action="store_true", help="only our models")
     parser.add_argument("--chunk-atoms", type=int, help="target atoms per chunk of our models' chunked evaluation "
-                        "(direct mode, and conservative with recomputation; default 65536)")
+                        "(direct mode, and conservative with recomputation; default 16384)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"quick check: N in {SMOKE_SIZES}, 1 warm-up and 1 timed step")
     parser.add_argument("--commit", default=None, help="commit to record (the device copy has no .git)")

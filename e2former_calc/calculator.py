@@ -77,7 +77,7 @@ class E2FormerCalculator(Calculator):
             `chunk_atoms` (the same results; less GPU memory for the largest systems, at
             the cost of a second forward pass through the blocks).
     chunk_atoms: target atoms per chunk when the network goes chunk by chunk (with `recompute`, or
-            without autograd: direct mode); None keeps the model's default (65,536). Smaller
+            without autograd: direct mode); None keeps the model's default (16,384). Smaller
             chunks hold fewer activations at once (the peak of a recomputed block scales with
             it), at the cost of more, smaller kernel launches.
     cuda_graph: on CUDA with skin > 0, capture the evaluation as a CUDA graph and replay it at

@@ -454,8 +454,9 @@ class E2FormerV2(nn.Module):
         # without create_graph) keeps only each block's input and recomputes the block's activations.
         self.recompute_blocks = False
         # Systems larger than this go through the network this many target atoms at a time, without
-        # autograd or with recompute_blocks.
-        self.chunk_atoms = 65536
+        # autograd or with recompute_blocks. 16,384 rather than 65,536: on an H200 it held 2.0-2.4x
+        # less memory in direct mode at 100k-250k atoms for 2-5% of the speed (BENCHMARKS.md).
+        self.chunk_atoms = 16384
 
     def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
         """[N] atomic numbers -> [N] index into config.species; ValueError for unknown elements."""
