@@ -219,7 +219,7 @@ def timing_sweep(shapes, dtypes, names, smoke, budget_s, device):
             detail = f"{record['mean_ms']:9.3f} ms (err {record['max_relative_error']:.0e})" if "mean_ms" in record else record["status"]
             print(f"{name:<12} {payload:<16} {record['dtype']:<7} {kernel:<7} {config_name(config):>7}: "
                   f"{detail}", flush=True)
-        del problem, calls
+        problem = calls = None  # free the GPU memory before the next shape
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return records
