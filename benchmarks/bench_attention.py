@@ -36,8 +36,8 @@ output and output gradient again and writing the input gradients (ours: also the
 The gathers of k_j and v_j (4 (D + C) H bytes per edge, 5 KiB here) are not in the minimum: with
 random neighbours they come from L2 or HBM, row by row. "Gathered bytes" (ours only) adds them: the node
 rows each edge reads in our kernels when no row is reused on chip, forward k_j and v_j, backward k_j and v_j
-again (target side) and q_i, the A rows of dOut_i and lse_i (source side), plus the per-edge gradients the
-target side writes and the head sum of d edge_vector reads. With random neighbours and k, v larger than L2
+again (edge kernel), k_j (d query) and q_i, the A rows of dOut_i and lse_i (source side), plus the edge
+streams the backward reads more than once, the per-edge gradients written and the head sum of d edge_vector. With random neighbours and k, v larger than L2
 (168 MB at N = 32768) this is what the memory system must serve.
 Achieved bytes/s is reported against the device-to-device copy bandwidth measured in the same run.
 """
@@ -252,11 +252,13 @@ def gathered_bytes(sizes, width, backward):
     rows = num_edges * heads * (head_dim + value_dim) * f  # k_j, v_j
     moved = minimum_bytes("ours", sizes, width, backward) + rows
     if backward:
+        rows_query = num_edges * heads * head_dim * f  # k_j for d query
         rows_source_side = num_edges * heads * (head_dim + width * value_dim + 1) * f  # q_i, dOut_i, lse_i
-        # d edge_vector per head written and read by the head sum (3H + 3H), and the source side's second
-        # pass over the edge stream: edge vector and scalars (3 + 3H), d logit_bias (H), two transposed indices
-        edge_extra = num_edges * ((10 * heads + 3) * f + 2 * i)
-        moved += rows + rows_source_side + edge_extra
+        # d edge_vector per head written and read by the head sum (3H + 3H); g and d logit_bias for d query
+        # (2H); the source side's edge vector, scalars and d logit_bias (3 + 4H); four more indices (target of
+        # each edge, the source index again, the two of the transposed CSR)
+        edge_extra = num_edges * ((12 * heads + 3) * f + 4 * i)
+        moved += rows + rows_query + rows_source_side + edge_extra
     return moved
 
 

@@ -6,9 +6,9 @@ with the reference, and which are fastest.
     TRITON_INTERPRET=1 python -m benchmarks.kernel_configs --smoke # CPU check of the GPU sweep's code path
 
 A configuration is (rows, warps, edges): BLOCK_R consecutive (atom, head) rows per program,
-num_warps, and neighbour steps unrolled per loop iteration (``LaunchConfig``). Each kernel (forward, target-side backward, source-side backward)
+num_warps, and neighbour steps unrolled per loop iteration (``LaunchConfig``). Each kernel (forward, edge, target-side and source-side backward)
 is swept on its own through the E2FORMER_ATTENTION_CONFIG override (``kernel=ROWSxWARPS[xEDGES]``),
-the other two keeping their defaults.
+the others keeping their defaults.
 
 --compile-only compiles every configuration for sm_90 on the CPU (Triton's own ptxas) and
 reports registers and spill bytes per thread, or the compiler error: Triton 3.6 crashed in its
@@ -56,7 +56,8 @@ SHAPES = [
 SMOKE_SHAPES = [("smoke", 3, 4, 5, "inverse_distance", 24, 5), ("smoke", 3, 4, 5, "direction", 24, 5)]
 ROWS, WARPS, EDGES_PER_STEP = (16, 32, 64, 128), (2, 4, 8), (1, 2, 4)
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
-KERNEL_FUNCTIONS = {"forward": "_forward_kernel", "target": "_backward_target_kernel", "source": "_backward_source_kernel"}
+KERNEL_FUNCTIONS = {"forward": "_forward_kernel", "edge": "_backward_edge_kernel", "target": "_backward_target_kernel",
+                    "source": "_backward_source_kernel"}
 
 
 def sweep_points(names, payload, value_dim, dtype):
@@ -94,14 +95,15 @@ class _LaunchRecorder:
 
 
 def recorded_launches(inputs, payload_transpose):
-    """{kernel: (args, meta)} of the three launches for these inputs, with nothing run."""
+    """{kernel: (args, meta)} of the four launches for these inputs, with nothing run."""
     recorders = {kernel: _LaunchRecorder() for kernel in attention.KERNELS}
     patches = [mock.patch.object(attention, KERNEL_FUNCTIONS[k], recorders[k]) for k in attention.KERNELS]
     for patch in patches:
         patch.start()
     try:
         out, lse = attention.launch_forward(inputs)
-        d_bias = attention.launch_backward_target(inputs, out, lse, out)[2]
+        d_bias = attention.launch_backward_edges(inputs, payload_transpose, out, lse, out)[1]
+        attention.launch_backward_target(inputs, d_bias)
         attention.launch_backward_source(inputs, payload_transpose, lse, out, d_bias)
     finally:
         for patch in patches:
@@ -180,11 +182,12 @@ def kernel_calls(problem, payload):
                                         CUTOFF, payload, 1e-3)
     out, lse = attention.launch_forward(inputs)
     grad_out = torch.randn_like(out)
-    d_bias = attention.launch_backward_target(inputs, out, lse, grad_out)[2]
     transpose = attention.transpose_neighbors(problem["row_ptr"], problem["source_index"])
+    d_bias = attention.launch_backward_edges(inputs, transpose, out, lse, grad_out)[1]
     return {
         "forward": lambda: attention.launch_forward(inputs),
-        "target": lambda: attention.launch_backward_target(inputs, out, lse, grad_out),
+        "edge": lambda: attention.launch_backward_edges(inputs, transpose, out, lse, grad_out),
+        "target": lambda: attention.launch_backward_target(inputs, d_bias),
         "source": lambda: attention.launch_backward_source(inputs, transpose, lse, grad_out, d_bias),
     }
 

@@ -7,9 +7,10 @@ r_e = r_j - r_i for edge e from source j to target i, CSR sorted by target)::
     P_e = p(d_e) exp(s_e) / (sink + sum_{e' of i} p(d_e') exp(s_e'))
     s_e = logit_scale[e, h] * <query[i, h], key[j, h]> / sqrt(D) + logit_bias[e, h]
 
-Three kernels, FlashAttention-2 style. Each program owns BLOCK_R consecutive (atom, head) rows
-(row = atom * H + head, so an atom's heads are neighbouring rows and one program covers
-BLOCK_R / H atoms, or part of one when H > BLOCK_R; any H works, rows past N * H are masked):
+Four kernels, FlashAttention-2 style. The three with a neighbour loop give each program BLOCK_R
+consecutive (atom, head) rows (row = atom * H + head, so an atom's heads are neighbouring rows and
+one program covers BLOCK_R / H atoms, or part of one when H > BLOCK_R; any H works, rows past N * H
+are masked):
 
 * ``_forward_kernel``: walks the CSR rows of its atoms in lock step (one edge per row per step,
   up to the longest row of the tile, shorter rows masked; the next step's source index is
@@ -18,17 +19,21 @@ BLOCK_R / H atoms, or part of one when H > BLOCK_R; any H works, rows past N * H
   component) in registers. The sink is the first "neighbour": mu starts at log(sink) and z at 1.
   The envelope multiplies exp(s - mu) rather than entering the logit as log p, because p -> 0 at
   the cutoff. Writes out and lse = mu + log z per (atom, head).
-* ``_backward_target_kernel``: same tiling. Recomputes P_e = p(d_e) exp(s_e - lse_i) and
-  writes everything that belongs to one target: d query, and per (edge, head) d logit_scale,
-  d logit_bias, d value_weight and the per-head part of d edge_vector. Each (edge, head) belongs
-  to exactly one row, so there are no atomics.
+* ``_backward_edge_kernel`` (no loop): one row per (edge, head), row = edge * H + head.
+  Recomputes P_e = p(d_e) exp(s_e - lse_i) and writes what belongs to one (edge, head):
+  d logit_scale, d logit_bias, d value_weight and the per-head part of d edge_vector, each row's
+  own, so the stores are contiguous. (These were first written from inside the target-side loop,
+  where Triton routed each per-step store through shared memory and a barrier.)
+* ``_backward_target_kernel``: the forward's tiling; d query = sum_e d logit_e g_e k_j / sqrt(D).
 * ``_backward_source_kernel``: the same over (source atom, head) rows of the transposed CSR
   (edges grouped by source, ``transpose_neighbors``). Recomputes P_e and accumulates d key and
-  d value in registers. Deterministic, no atomics.
+  d value in registers.
+Every output element is written by exactly one program: deterministic, no atomics.
 
 Launch knobs (rows per program, warps, neighbour steps unrolled per loop iteration) per kernel come
 from DEFAULT_CONFIGS, overridable with the environment variable E2FORMER_ATTENTION_CONFIG
-(``_launch_config``; ``16x8`` is the fallback).
+(``_launch_config``; ``16x8`` is the fallback). For the edge kernel EDGES_PER_STEP is the number of
+BLOCK_R-row tiles per program.
 
 Backward algebra, per (edge e, head), with G_a = dOut[i, a, h, :], c_a = <G_a, v_j>,
 c = sum_a u_a c_a and Delta_i = sum_{a, v} dOut * Out (FlashAttention-2's row term):
@@ -40,12 +45,14 @@ What stays O(E), in bytes per edge (4-byte floats, 8-byte indices): the forward 
 neighbour index (8) and the edge vector (12) once per program that holds the edge's atom, i.e.
 once for all the heads in that program (their repeats are L1 hits; an atom whose heads are
 split across programs, when BLOCK_R is not a multiple of H or H > BLOCK_R, is read by each), and the three edge scalars per
-head (12 H, contiguous per edge). The target-side backward reads the same, writes the three
-edge-scalar gradients (12 H) and a per-head part of d edge_vector (12 H, summed over heads in
-PyTorch: the heads are different rows of a 2-D tile, and summing them in-kernel would take a
-3-D reshape). The source-side backward reads the transposed CSR (two indices per edge, 16, built
-once per graph), the edge vector, the three edge scalars and d logit_bias (16 H). No E x D or
-E x V tensor is formed.
+head (12 H, contiguous per edge). The edge kernel reads the source and target of each edge (16;
+the target index is built once per graph with the transposed CSR), the edge vector and the three
+edge scalars per head, and writes the three edge-scalar gradients (12 H) and a per-head part of
+d edge_vector (12 H, summed over heads in PyTorch: the heads are different rows of a 2-D tile, and
+summing them in-kernel would take a 3-D reshape). The target-side backward reads the index, g and
+d logit_bias (8 H). The source-side backward reads the transposed CSR (two indices per edge, 16),
+the edge vector, the three edge scalars and d logit_bias (16 H). No E x D or E x V tensor is
+formed.
 
 The autograd Function is differentiable once: its backward is not itself differentiable.
 For double backward (training on conservative forces) call ``neighbor_attention`` with
@@ -68,20 +75,23 @@ from .neighbor_attention_reference import (
 
 
 class TransposedNeighbors(NamedTuple):
-    """Edges grouped by source atom: the CSR of the transposed graph.
+    """The graph as the backward reads it: edges grouped by source atom (the CSR of the transposed
+    graph) and each edge's target.
 
     col_ptr: [N + 1] the edges of source j are slots col_ptr[j] <= t < col_ptr[j + 1].
     edge_of_slot: [E] edge id (position in the target-sorted CSR) of each slot.
     target_of_slot: [E] target atom i of each slot.
+    target_of_edge: [E] target atom i of each edge, in CSR order.
     """
 
     col_ptr: torch.Tensor
     edge_of_slot: torch.Tensor
     target_of_slot: torch.Tensor
+    target_of_edge: torch.Tensor
 
 
 def transpose_neighbors(row_ptr: torch.Tensor, source_index: torch.Tensor) -> TransposedNeighbors:
-    """Build the source-grouped CSR once per graph (cache it and pass it as ``transpose=``)."""
+    """Build the backward's view of the graph once per graph (cache it and pass it as ``transpose=``)."""
     num_nodes = row_ptr.numel() - 1
     num_edges = source_index.numel()
     target_index = target_index_from_row_ptr(row_ptr, num_edges)
@@ -90,7 +100,7 @@ def transpose_neighbors(row_ptr: torch.Tensor, source_index: torch.Tensor) -> Tr
     # this may run inside a CUDA-graph capture.
     nodes = torch.arange(num_nodes + 1, dtype=source_index.dtype, device=source_index.device)
     col_ptr = torch.searchsorted(source_index[edge_of_slot], nodes)
-    return TransposedNeighbors(col_ptr, edge_of_slot, target_index[edge_of_slot])
+    return TransposedNeighbors(col_ptr, edge_of_slot, target_index[edge_of_slot], target_index)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -244,69 +254,95 @@ def _forward_kernel(
 
 
 @triton.jit
+def _backward_edge_kernel(
+    Q, K, V, R, SCALE, BIAS, VW, SRC, TGT, PARAMS, LSE, DELTA, DOUT,  # inputs
+    DSCALE, DBIAS, DVW, DR_PER_HEAD,  # outputs: 3 x [E, H], [E, H, 3]
+    E, H, D, VD,
+    DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    EDGES_PER_STEP: tl.constexpr,
+):
+    """Everything that belongs to one (edge, head): no loop, no reduction. A program owns
+    EDGES_PER_STEP consecutive tiles of BLOCK_R rows, row = edge * H + head, so the per-(edge, head)
+    scalars are read and written contiguously and the target's rows (q_i, dOut_i, lse_i, Delta_i) of
+    consecutive edges repeat (cache hits); only k_j and v_j are gathered at random."""
+    cutoff, log_sink_unused, qk_scale = _load_scalar_params(PARAMS)
+    for part in tl.static_range(EDGES_PER_STEP):
+        row = (tl.program_id(0).to(tl.int64) * EDGES_PER_STEP + part) * BLOCK_R + tl.arange(0, BLOCK_R)
+        valid = row < E * H
+        edge = row // H
+        head = row % H
+        src = tl.load(SRC + edge, mask=valid, other=0).to(tl.int64)
+        tgt = tl.load(TGT + edge, mask=valid, other=0).to(tl.int64)
+        target_row = tgt * H + head
+        q = _load_rows(Q, target_row * D, valid, D, BLOCK_D)
+        key = _load_rows(K, (src * H + head) * D, valid, D, BLOCK_D)
+        val = _load_rows(V, (src * H + head) * VD, valid, VD, BLOCK_V)
+        g = tl.load(SCALE + row, mask=valid, other=0.0)
+        b = tl.load(BIAS + row, mask=valid, other=0.0)
+        phi = tl.load(VW + row, mask=valid, other=0.0)
+        lse = tl.load(LSE + target_row, mask=valid, other=0.0)
+        delta = tl.load(DELTA + target_row, mask=valid, other=0.0)
+        rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
+        ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
+
+        # dOut rows a = 0, 1, 2 (only 0 for 1/|r|) are H * VD apart
+        grad_offset = (tgt * H * (3 if DIRECTION else 1) + head) * VD
+        c_x = tl.sum(_load_rows(DOUT, grad_offset, valid, VD, BLOCK_V) * val, axis=1)  # c_a = <dOut_a, v_j>
+        if DIRECTION:
+            c_y = tl.sum(_load_rows(DOUT, grad_offset + H * VD, valid, VD, BLOCK_V) * val, axis=1)
+            c_z = tl.sum(_load_rows(DOUT, grad_offset + 2 * H * VD, valid, VD, BLOCK_V) * val, axis=1)
+            c = ux * c_x + uy * c_y + uz * c_z
+        else:
+            c = c_x * inverse
+
+        qk = tl.sum(q * key, axis=1)
+        # P_e / p_e, 0 where p = 0 as in the forward: exp(s - lse) is bounded by 1 / p only while p > 0
+        unenveloped = tl.where(valid & (p > 0.0), tl.exp(g * qk * qk_scale + b - lse), 0.0)
+        prob = p * unenveloped
+        d_logit = prob * (phi * c - delta)
+        tl.store(DSCALE + row, d_logit * qk * qk_scale, mask=valid)
+        tl.store(DBIAS + row, d_logit, mask=valid)
+        tl.store(DVW + row, prob * c, mask=valid)
+
+        d_distance = unenveloped * (phi * c - delta) * dp
+        if DIRECTION:  # d u_a = P phi c_a; d(r/|r|)/dr = (1 - r_hat r_hat^T) / |r|
+            weight = prob * phi
+            radial = weight * c
+            drx = d_distance * ux + (weight * c_x - ux * radial) * inverse
+            dry = d_distance * uy + (weight * c_y - uy * radial) * inverse
+            drz = d_distance * uz + (weight * c_z - uz * radial) * inverse
+        else:  # d(1/|r|)/dr = -r_hat / |r|^2
+            along = d_distance - prob * phi * c_x * inverse * inverse
+            drx, dry, drz = along * ux, along * uy, along * uz
+        tl.store(DR_PER_HEAD + row * 3, drx, mask=valid)
+        tl.store(DR_PER_HEAD + row * 3 + 1, dry, mask=valid)
+        tl.store(DR_PER_HEAD + row * 3 + 2, drz, mask=valid)
+
+
+@triton.jit
 def _backward_target_kernel(
-    Q, K, V, R, SCALE, BIAS, VW, ROW_PTR, SRC, PARAMS, OUT, LSE, DOUT,  # inputs
-    DQ, DSCALE, DBIAS, DVW, DR_PER_HEAD,  # outputs: [N, H, D], 3 x [E, H], [E, H, 3]
+    K, SCALE, ROW_PTR, SRC, PARAMS, DBIAS,  # inputs (DBIAS = d logit from the edge kernel)
+    DQ,  # output: [N, H, D]
     N, H, D, VD,
     DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
     EDGES_PER_STEP: tl.constexpr,
 ):
+    """d query_i = sum_e d logit_e g_e / sqrt(D) k_j, over the target's CSR row (the forward's tiling)."""
     pair, atom, head, row_ok, row_start, degree = _tile_rows(ROW_PTR, N, H, BLOCK_R)
-    q = _load_rows(Q, pair * D, row_ok, D, BLOCK_D)
-    cutoff, log_sink_unused, qk_scale = _load_scalar_params(PARAMS)
-    lse = tl.load(LSE + pair, mask=row_ok, other=0.0)
-
-    # dOut rows a = 0, 1, 2 (only 0 for 1/|r|) and Delta = sum_{a, v} dOut * Out
-    out_offset = (atom * H * (3 if DIRECTION else 1) + head) * VD
-    grad_x = _load_rows(DOUT, out_offset, row_ok, VD, BLOCK_V)
-    delta = tl.sum(grad_x * _load_rows(OUT, out_offset, row_ok, VD, BLOCK_V), axis=1)
-    if DIRECTION:
-        grad_y = _load_rows(DOUT, out_offset + H * VD, row_ok, VD, BLOCK_V)
-        grad_z = _load_rows(DOUT, out_offset + 2 * H * VD, row_ok, VD, BLOCK_V)
-        delta += tl.sum(grad_y * _load_rows(OUT, out_offset + H * VD, row_ok, VD, BLOCK_V), axis=1)
-        delta += tl.sum(grad_z * _load_rows(OUT, out_offset + 2 * H * VD, row_ok, VD, BLOCK_V), axis=1)
-
-    dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=q.dtype)
+    cutoff_unused, log_sink_unused, qk_scale = _load_scalar_params(PARAMS)
+    dq = tl.zeros([BLOCK_R, BLOCK_D], dtype=qk_scale.dtype)
     src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
     for first in range(0, tl.max(degree, axis=0), EDGES_PER_STEP):
         for offset in tl.static_range(EDGES_PER_STEP):  # unrolled: the steps' loads can be in flight together
-            valid, edge, src_next, key, val, g, b, phi, rx, ry, rz, inverse, p, dp = _target_row_step(
-                K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, first + offset, head, H, D, VD, cutoff,
-                BLOCK_D, BLOCK_V)
-            ux, uy, uz = rx * inverse, ry * inverse, rz * inverse
-
-            qk = tl.sum(q * key, axis=1)
-            # P_e / p_e, 0 where p = 0 as in the forward: exp(s - lse) is bounded by 1 / p only while p > 0
-            unenveloped = tl.where(valid & (p > 0.0), tl.exp(g * qk * qk_scale + b - lse), 0.0)
-            prob = p * unenveloped
-            c_x = tl.sum(grad_x * val, axis=1)  # c_a = <dOut_a, v_j>
-            if DIRECTION:
-                c_y = tl.sum(grad_y * val, axis=1)
-                c_z = tl.sum(grad_z * val, axis=1)
-                c = ux * c_x + uy * c_y + uz * c_z
-            else:
-                c = c_x * inverse
-            d_logit = prob * (phi * c - delta)
-            tl.store(DSCALE + edge * H + head, d_logit * qk * qk_scale, mask=valid)
-            tl.store(DBIAS + edge * H + head, d_logit, mask=valid)
-            tl.store(DVW + edge * H + head, prob * c, mask=valid)
+            step = first + offset
+            valid = step < degree
+            edge = row_start + step
+            src = src_next.to(tl.int64)
+            src_next = tl.load(SRC + edge + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
+            key = _load_rows(K, (src * H + head) * D, valid, D, BLOCK_D)
+            g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
+            d_logit = tl.load(DBIAS + edge * H + head, mask=valid, other=0.0)
             dq += (d_logit * g * qk_scale)[:, None] * key
-
-            d_distance = unenveloped * (phi * c - delta) * dp
-            if DIRECTION:  # d u_a = P phi c_a; d(r/|r|)/dr = (1 - r_hat r_hat^T) / |r|
-                weight = prob * phi
-                radial = weight * c
-                drx = d_distance * ux + (weight * c_x - ux * radial) * inverse
-                dry = d_distance * uy + (weight * c_y - uy * radial) * inverse
-                drz = d_distance * uz + (weight * c_z - uz * radial) * inverse
-            else:  # d(1/|r|)/dr = -r_hat / |r|^2
-                along = d_distance - prob * phi * c_x * inverse * inverse
-                drx, dry, drz = along * ux, along * uy, along * uz
-            d_r_offset = (edge * H + head) * 3
-            tl.store(DR_PER_HEAD + d_r_offset, drx, mask=valid)
-            tl.store(DR_PER_HEAD + d_r_offset + 1, dry, mask=valid)
-            tl.store(DR_PER_HEAD + d_r_offset + 2, drz, mask=valid)
-
     _store_rows(DQ, pair * D, row_ok, D, BLOCK_D, dq)
 
 
@@ -340,7 +376,7 @@ def _backward_source_kernel(
             g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
             b = tl.load(BIAS + edge * H + head, mask=valid, other=0.0)
             phi = tl.load(VW + edge * H + head, mask=valid, other=0.0)
-            d_logit = tl.load(DBIAS + edge * H + head, mask=valid, other=0.0)  # written by the target kernel
+            d_logit = tl.load(DBIAS + edge * H + head, mask=valid, other=0.0)  # written by the edge kernel
             rx, ry, rz, inverse, p, dp = _load_edge_geometry(R, edge, valid, cutoff)
 
             prob = tl.where(valid & (p > 0.0), p * tl.exp(g * tl.sum(q * key, axis=1) * qk_scale + b - lse), 0.0)
@@ -377,21 +413,24 @@ class LaunchConfig(NamedTuple):
     edges_per_step: int = 1
 
 
-KERNELS = ("forward", "target", "source")
+KERNELS = ("forward", "edge", "target", "source")
 CONFIG_ENV = "E2FORMER_ATTENTION_CONFIG"
 
-# Defaults for BLOCK_V <= 64 by (kernel, payload, bytes per float). Float32: the fastest of seven
-# configurations timed on an H200 (``python -m benchmarks.kernel_configs``, 2026-12-01, see
-# BENCHMARKS.md) for the benchmark shape (H=16, D=16, V=64, K=64) and the water_small shape (H=16,
-# D=8, V=36, K=32), preferring the water shape where they disagree (direction target: 16x8 there,
-# 32x4 on the benchmark shape). Float64 keeps "16x8" (16 rows, 8 warps), which compiled for every
+# Defaults for BLOCK_V <= 64 by (kernel, payload, bytes per float). Float32 forward and source: the
+# fastest of seven configurations timed on an H200 (``python -m benchmarks.kernel_configs``,
+# 2026-12-01, see BENCHMARKS.md) for the benchmark shape (H=16, D=16, V=64, K=64) and the
+# water_small shape (H=16, D=8, V=36, K=32). Edge and target (d query only since the edge kernel
+# took the per-edge gradients): not timed yet, the largest tiles that compile for sm_90 in at most
+# 128 registers without spilling on both shapes (``--compile-only``). Float64 keeps "16x8" (16 rows, 8 warps), which compiled for every
 # tested shape spilling at most ~100 bytes (direction): untimed, and the fallback. Rows halve for
 # every doubling of BLOCK_V above 64, down to 16.
 DEFAULT_CONFIGS = {
     ("forward", "inverse_distance", 4): LaunchConfig(32, 4),
     ("forward", "direction", 4): LaunchConfig(32, 4),
+    ("edge", "inverse_distance", 4): LaunchConfig(32, 4),
+    ("edge", "direction", 4): LaunchConfig(16, 4),
     ("target", "inverse_distance", 4): LaunchConfig(32, 4),
-    ("target", "direction", 4): LaunchConfig(16, 8),
+    ("target", "direction", 4): LaunchConfig(32, 4),
     ("source", "inverse_distance", 4): LaunchConfig(32, 4, edges_per_step=2),
     ("source", "direction", 4): LaunchConfig(32, 4, edges_per_step=2),
     **{(kernel, payload, 8): LaunchConfig(16, 8) for kernel in KERNELS for payload in PAYLOAD_WIDTH},
@@ -422,8 +461,9 @@ def _parse_config_override(text: str) -> dict:
     return overrides
 
 
-def _launch_config(kernel, num_nodes, num_heads, head_dim, value_dim, payload, dtype):
-    """Grid (one program per BLOCK_R consecutive (atom, head) rows) and meta-parameters of a launch.
+def _launch_config(kernel, num_rows, num_heads, head_dim, value_dim, payload, dtype):
+    """Grid and meta-parameters of a launch: one program per BLOCK_R consecutive (atom, head) rows,
+    num_rows = N atoms, or for the edge kernel per EDGES_PER_STEP x BLOCK_R (edge, head) rows, num_rows = E.
 
     The knobs come from DEFAULT_CONFIGS unless the environment variable E2FORMER_ATTENTION_CONFIG
     overrides them, e.g. ``16x8`` (the fallback) for all kernels or ``target=16x8x2`` for one.
@@ -435,7 +475,8 @@ def _launch_config(kernel, num_nodes, num_heads, head_dim, value_dim, payload, d
         DIRECTION=payload == "direction", BLOCK_R=config.block_rows, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_V=block_v, EDGES_PER_STEP=config.edges_per_step, num_warps=config.num_warps,
     )
-    return (triton.cdiv(num_nodes * num_heads, config.block_rows),), meta
+    rows_per_program = config.block_rows * (config.edges_per_step if kernel == "edge" else 1)
+    return (triton.cdiv(num_rows * num_heads, rows_per_program),), meta
 
 
 # ----------------------------------------------------------------------------- launches + autograd
@@ -489,23 +530,34 @@ def launch_forward(inputs: AttentionInputs):
     return out, lse
 
 
-def launch_backward_target(inputs: AttentionInputs, out, lse, grad_out):
-    """Run ``_backward_target_kernel``: d query [N, H, D], d logit_scale, d logit_bias,
-    d value_weight [E, H] and the per-head parts of d edge_vector [E, H, 3]."""
-    num_heads = inputs.query.shape[1]
-    d_query = torch.empty_like(inputs.query)
+def launch_backward_edges(inputs: AttentionInputs, transpose: TransposedNeighbors, out, lse, grad_out):
+    """Run ``_backward_edge_kernel``: d logit_scale, d logit_bias, d value_weight [E, H] and the
+    per-head parts of d edge_vector [E, H, 3]."""
+    num_edges, num_heads = inputs.logit_scale.shape
+    delta = (grad_out * out).sum(dim=(1, 3))  # [N, H] FlashAttention-2's row term
     d_scale, d_bias, d_value_weight = (torch.empty_like(inputs.logit_scale) for _ in range(3))
-    d_edge_vector_per_head = inputs.edge_vector.new_empty(inputs.edge_vector.shape[0], num_heads, 3)
+    d_edge_vector_per_head = inputs.edge_vector.new_empty(num_edges, num_heads, 3)
+    grid, meta = _launch_config("edge", num_edges, *inputs.sizes()[1:], inputs.payload, inputs.query.dtype)
+    _backward_edge_kernel[grid](
+        *inputs[:7], inputs.source_index, transpose.target_of_edge, inputs.params, lse, delta, grad_out,
+        d_scale, d_bias, d_value_weight, d_edge_vector_per_head, num_edges, *inputs.sizes()[1:], **meta,
+    )
+    return d_scale, d_bias, d_value_weight, d_edge_vector_per_head
+
+
+def launch_backward_target(inputs: AttentionInputs, d_bias):
+    """Run ``_backward_target_kernel``: d query [N, H, D] (d_bias from the edge kernel)."""
+    d_query = torch.empty_like(inputs.query)
     grid, meta = inputs.launch_config("target")
     _backward_target_kernel[grid](
-        *inputs[:10], out, lse, grad_out,
-        d_query, d_scale, d_bias, d_value_weight, d_edge_vector_per_head, *inputs.sizes(), **meta,
+        inputs.key, inputs.logit_scale, inputs.row_ptr, inputs.source_index, inputs.params, d_bias,
+        d_query, *inputs.sizes(), **meta,
     )
-    return d_query, d_scale, d_bias, d_value_weight, d_edge_vector_per_head
+    return d_query
 
 
 def launch_backward_source(inputs: AttentionInputs, transpose: TransposedNeighbors, lse, grad_out, d_bias):
-    """Run ``_backward_source_kernel``: d key [N, H, D] and d value [N, H, V] (d_bias from the target kernel)."""
+    """Run ``_backward_source_kernel``: d key [N, H, D] and d value [N, H, V] (d_bias from the edge kernel)."""
     d_key = torch.empty_like(inputs.key)
     d_value = torch.empty_like(inputs.value)
     grid, meta = inputs.launch_config("source")
@@ -537,9 +589,9 @@ class NeighborAttentionFunction(torch.autograd.Function):
         *saved, out, lse = ctx.saved_tensors
         inputs = AttentionInputs(*saved, ctx.payload)
         grad_out = grad_out.contiguous()
-        d_query, d_scale, d_bias, d_value_weight, d_edge_vector_per_head = launch_backward_target(
-            inputs, out, lse, grad_out)
         transpose = ctx.transpose if ctx.transpose is not None else transpose_neighbors(inputs.row_ptr, inputs.source_index)
+        d_scale, d_bias, d_value_weight, d_edge_vector_per_head = launch_backward_edges(inputs, transpose, out, lse, grad_out)
+        d_query = launch_backward_target(inputs, d_bias)
         d_key, d_value = launch_backward_source(inputs, transpose, lse, grad_out, d_bias)
         return (d_query, d_key, d_value, d_edge_vector_per_head.sum(1), d_scale, d_bias, d_value_weight,
                 None, None, None, None, None, None)

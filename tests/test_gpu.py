@@ -90,7 +90,7 @@ def test_kernel_matches_reference_forward_and_gradients(dtype, payload, heads, h
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("payload", ["direction", "inverse_distance"])
-@pytest.mark.parametrize("override", ["16x8", "16x4", "64x4", "128x8", "32x2", "forward=128x4,target=16x2,source=64x8"])
+@pytest.mark.parametrize("override", ["16x8", "16x4", "64x4", "128x8", "32x2", "forward=128x4,edge=64x2x2,target=16x2,source=64x8"])
 def test_kernel_launch_configurations_match_reference(monkeypatch, override, payload, dtype):
     """Several atoms per program, atoms straddling programs (5 heads), the fallback 16x8."""
     monkeypatch.setenv(CONFIG_ENV, override)

@@ -240,6 +240,9 @@ def test_config_environment_override_reaches_the_launch(monkeypatch):
     assert (meta["BLOCK_R"], meta["num_warps"], meta["EDGES_PER_STEP"]) == (128, 2, 4) and grid == (4,)
     _, meta = _launch_config("forward", 100, 4, 8, 8, "direction", torch.float32)  # not overridden: the default
     assert (meta["BLOCK_R"], meta["num_warps"], meta["EDGES_PER_STEP"]) == _default_config("forward", "direction", 8, 4)
+    monkeypatch.setenv(CONFIG_ENV, "edge=32x2x4")  # the edge kernel: 4 tiles of 32 (edge, head) rows per program
+    grid, meta = _launch_config("edge", 100, 4, 8, 8, "direction", torch.float32)
+    assert (meta["BLOCK_R"], meta["EDGES_PER_STEP"]) == (32, 4) and grid == (4,)
 
 
 # ----------------------------------------------------------------------------- kernel (interpreter)
@@ -295,7 +298,7 @@ CONFIG_DEGREES = [0, 0, 0, 0, 0, 0, 0, 4, 1, 0, 7, 2, 3]
         ("32x2", torch.float64, "inverse_distance"),
         ("forward=64x4,target=16x2,source=128x8", torch.float32, "inverse_distance"),
         ("32x4x2", torch.float64, "direction"),  # two neighbour steps per loop iteration
-        ("forward=16x8x4,target=64x4x2,source=32x2x4", torch.float64, "inverse_distance"),
+        ("forward=16x8x4,edge=16x4x4,target=64x4x2,source=32x2x4", torch.float64, "inverse_distance"),
     ],
 )
 def test_kernel_launch_configurations_match_reference(monkeypatch, override, dtype, payload):
