@@ -420,8 +420,10 @@ CONFIG_ENV = "E2FORMER_ATTENTION_CONFIG"
 # fastest of seven configurations timed on an H200 (``python -m benchmarks.kernel_configs``,
 # 2026-12-01, see BENCHMARKS.md) for the benchmark shape (H=16, D=16, V=64, K=64) and the
 # water_small shape (H=16, D=8, V=36, K=32). Edge and target (d query only since the edge kernel
-# took the per-edge gradients): not timed yet, the largest tiles that compile for sm_90 in at most
-# 128 registers without spilling on both shapes (``--compile-only``). Float64 keeps "16x8" (16 rows, 8 warps), which compiled for every
+# took the per-edge gradients): the largest tiles that compile for sm_90 in at most 128 registers
+# without spilling on both shapes (``--compile-only``); timed on an H200 on 2026-12-02, they are the
+# fastest of six configurations or within 1%, except d query on the benchmark shape (0.44 ms
+# against 0.33 in 32x4x2, 2% of the backward), see BENCHMARKS.md. Float64 keeps "16x8" (16 rows, 8 warps), which compiled for every
 # tested shape spilling at most ~100 bytes (direction): untimed, and the fallback. Rows halve for
 # every doubling of BLOCK_V above 64, down to 16.
 DEFAULT_CONFIGS = {
