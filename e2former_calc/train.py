@@ -6,6 +6,7 @@ The recipe, top to bottom:
     split by provenance group into train / val / test (seeded),
         each data.stratify_by value (e.g. source) held out in proportion when set
     reference energies e_Z = least squares of E ~ counts @ e on train; energy_scale from the residuals
+        (or, with model.init_from, the architecture, weights, e_Z and energy_scale of a trained model)
     for epoch in range(epochs):
         mode = "direct" for the first direct_force_epochs (force head), then "conservative" (F = -dE/dr)
         AdamW steps on  w_E * mean((dE / n_atoms)^2) + w_F * mean(dF^2)   (or Huber), warm-up + cosine lr
@@ -57,7 +58,7 @@ import yaml
 from ase.data import chemical_symbols
 from tqdm.auto import tqdm
 
-from e2former_calc.checkpoint import resolve_device, resolve_dtype, save_model
+from e2former_calc.checkpoint import load_model, model_description, resolve_device, resolve_dtype, save_model
 from e2former_calc.dataset import (
     PackedFrames,
     element_counts,
@@ -94,13 +95,17 @@ class DataConfig:
 
 @dataclass
 class ModelSetup:
-    """The architecture: a preset of E2FormerConfig plus field overrides, and how energy_scale is set."""
+    """The architecture: a preset of E2FormerConfig plus field overrides, and how energy_scale is set;
+    or a trained model to start from (fine-tuning)."""
 
     preset: str = "water_small"
     overrides: dict = field(default_factory=dict)
     # "residual_rms": RMS per-atom energy left after the reference fit (eV); "force_rms": RMS force
     # component (eV/Å x 1 Å); "preset": keep the preset's / overrides' value.
     energy_scale: str = "residual_rms"
+    # registered model name or checkpoint path: start from its architecture, weights, reference energies
+    # and energy_scale (preset and energy_scale are then unused, and overrides must stay empty)
+    init_from: str | None = None
 
 
 @dataclass
@@ -161,6 +166,11 @@ class TrainConfig:
 
     def __post_init__(self):
         resolve_dtype(self.dtype)
+        if self.model.init_from is not None and self.model.overrides:
+            raise ValueError(
+                f"model.init_from takes the architecture from {self.model.init_from}; "
+                f"remove model.overrides ({sorted(self.model.overrides)})"
+            )
         if self.model.preset not in PRESETS:
             raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {self.model.preset!r}")
         if self.model.energy_scale not in ENERGY_SCALES:
@@ -344,9 +354,9 @@ def fit_energy_model(frames, model_config: E2FormerConfig, energy_scale: str):
     counts = element_counts(frames, model_config.species)
     energies = np.array([frame_labels(atoms)[0] for atoms in frames])
     reference, rank = fit_reference_energies(counts, energies)
-    residual_per_atom = (energies - counts @ reference) / counts.sum(axis=1)
+    residual_rms = _residual_rms(counts, energies, reference)
     if energy_scale == "residual_rms":
-        scale = float(np.sqrt(np.mean(residual_per_atom**2)))
+        scale = residual_rms
     elif energy_scale == "force_rms":
         scale = float(np.sqrt(np.mean(np.concatenate([frame_labels(atoms)[1].ravel() for atoms in frames]) ** 2)))
     else:
@@ -356,10 +366,34 @@ def fit_energy_model(frames, model_config: E2FormerConfig, energy_scale: str):
     summary = {
         "reference_energies_eV": {chemical_symbols[z]: float(e) for z, e in zip(model_config.species, reference)},
         "reference_fit_rank": rank,
-        "residual_rms_meV_per_atom": 1000 * float(np.sqrt(np.mean(residual_per_atom**2))),
+        "residual_rms_meV_per_atom": 1000 * residual_rms,
         "energy_scale_eV": scale,
     }
     return replace(model_config, energy_scale=scale), reference, summary
+
+
+def start_from_model(name_or_path: str, frames) -> tuple[E2FormerV2, dict]:
+    """A trained model to fine-tune (weights, reference energies and energy_scale kept), and the summary
+    `fit_energy_model` gives, for `frames` under the model's reference energies. Raises ValueError when a
+    frame holds an element the model does not know."""
+    model = load_model(name_or_path)
+    config = model.config
+    reference = model.reference_energy.double().numpy()
+    counts = element_counts(frames, config.species)
+    energies = np.array([frame_labels(atoms)[0] for atoms in frames])
+    summary = {
+        "reference_energies_eV": {chemical_symbols[z]: float(e) for z, e in zip(config.species, reference)},
+        "reference_fit_rank": None,
+        "residual_rms_meV_per_atom": 1000 * _residual_rms(counts, energies, reference),
+        "energy_scale_eV": config.energy_scale,
+        "init_from": {"model": str(name_or_path), "weights_sha256": model_description(name_or_path)["weights_sha256"]},
+    }
+    return model, summary
+
+
+def _residual_rms(counts: np.ndarray, energies: np.ndarray, reference: np.ndarray) -> float:
+    """RMS per-atom energy (eV) left after the reference energies: counts [S, K], energies [S], reference [K]."""
+    return float(np.sqrt(np.mean(((energies - counts @ reference) / counts.sum(axis=1)) ** 2)))
 
 
 def data_summary(frames, split: dict[str, list[int]]) -> dict:
@@ -476,15 +510,19 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
         raise ValueError(f"the split has {len(split['train'])} training and {len(split['val'])} validation frames; need both")
     record_split(run_dir, frames, split, config, resume)
     subsets = {name: [frames[k] for k in indices] for name, indices in split.items()}
-    preset = PRESETS[config.model.preset]().to_dict()
-    model_config = E2FormerConfig.from_dict({**preset, **config.model.overrides})
-    model_config, reference, energy_summary = fit_energy_model(subsets["train"], model_config, config.model.energy_scale)
-    summary = {**data_summary(frames, split), **energy_summary}
-
     torch.manual_seed(config.seed)
-    model = E2FormerV2(model_config).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        model.reference_energy.copy_(torch.as_tensor(reference))
+    if config.model.init_from is None:
+        preset = PRESETS[config.model.preset]().to_dict()
+        model_config = E2FormerConfig.from_dict({**preset, **config.model.overrides})
+        model_config, reference, energy_summary = fit_energy_model(subsets["train"], model_config, config.model.energy_scale)
+        model = E2FormerV2(model_config)
+        with torch.no_grad():
+            model.reference_energy.copy_(torch.as_tensor(reference))
+    else:
+        model, energy_summary = start_from_model(config.model.init_from, subsets["train"])
+        model_config = model.config
+    model = model.to(device=device, dtype=dtype)
+    summary = {**data_summary(frames, split), **energy_summary}
     ema = ExponentialMovingAverage(model, config.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr, weight_decay=config.optimizer.weight_decay)
     train_data = PackedFrames(subsets["train"], model_config.cutoff, dtype, device)
@@ -509,9 +547,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
     # run always has a checkpoint).
     initial_state = None if resume else copy.deepcopy(_training_state(state, model, ema, optimizer, scheduler, device))
 
+    origin = "from model.init_from" if "init_from" in summary else f"rank {summary['reference_fit_rank']}"
     tqdm.write(
         f"{summary['split_sizes']} frames; reference energies {summary['reference_energies_eV']} eV "
-        f"(rank {summary['reference_fit_rank']}); energy_scale {summary['energy_scale_eV']:.4g} eV; device {device}, {config.dtype}"
+        f"({origin}); energy_scale {summary['energy_scale_eV']:.4g} eV; device {device}, {config.dtype}"
     )
     epochs_this_run, invocation_start = 0, time.perf_counter()
     while state["epoch"] < config.epochs and not state["stopped_early"]:

@@ -284,6 +284,37 @@ def test_resume_continues_exactly(data_files, tmp_path):
     assert all(torch.equal(exported[0][k], exported[1][k]) for k in exported[0])
 
 
+def test_fine_tuning_starts_from_the_trained_model(data_files, tmp_path, monkeypatch):
+    """model.init_from: the first step starts from the given model's weights, reference energies and energy
+    scale, training moves them, and the export records where it began."""
+    first = train(make_config(data_files, tmp_path / "first", epochs=3, patience=100))
+    start = load_model(first["model"])
+    real_train_epoch, weights_at_first_epoch = train_module.train_epoch, []
+
+    def train_epoch(model, *args):
+        if not weights_at_first_epoch:
+            weights_at_first_epoch.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_train_epoch(model, *args)
+
+    monkeypatch.setattr(train_module, "train_epoch", train_epoch)
+    tuned = train(make_config(data_files, tmp_path / "tuned", epochs=2, optimizer__lr=1e-3, model={"init_from": first["model"]}))
+    for name, value in start.state_dict().items():
+        assert torch.equal(weights_at_first_epoch[0][name], value), name
+    tuned_model = load_model(tuned["model"])
+    assert tuned_model.config == start.config
+    torch.testing.assert_close(tuned_model.reference_energy, start.reference_energy)
+    assert any(not torch.equal(v, start.state_dict()[k]) for k, v in tuned_model.state_dict().items())
+    training_data = json.loads(Path(tuned["model"]).with_suffix(".json").read_text())["metadata"]["training_data"]
+    first_description = json.loads(Path(first["model"]).with_suffix(".json").read_text())
+    assert training_data["init_from"]["weights_sha256"] == first_description["weights_sha256"]
+    assert training_data["reference_fit_rank"] is None
+
+
+def test_fine_tuning_refuses_architecture_overrides(data_files, tmp_path):
+    with pytest.raises(ValueError, match="model.init_from takes the architecture from .*remove model.overrides"):
+        make_config(data_files, tmp_path / "run", model={"init_from": "some.safetensors", "overrides": TINY_MODEL})
+
+
 def test_time_budget_stops_between_epochs_and_still_exports(data_files, tmp_path):
     """max_minutes: stop before an epoch would overrun the budget, then test and export as usual."""
     config = make_config(data_files, tmp_path / "timed", epochs=50, max_minutes=1e-9)
