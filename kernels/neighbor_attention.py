@@ -184,15 +184,23 @@ def _store_rows(X, row_offset, row_mask, width, BLOCK: tl.constexpr, tile):
 
 
 @triton.jit
+def _csr_step(SRC, src_next, row_start, degree, step):
+    """Step `step` of a target-side loop over each row's CSR edges: valid, edge, its source (loaded
+    the step before) and the next step's source, prefetched a step ahead."""
+    valid = step < degree
+    edge = row_start + step
+    src = src_next.to(tl.int64)
+    src_next = tl.load(SRC + edge + 1, mask=step + 1 < degree, other=0)
+    return valid, edge, src, src_next
+
+
+@triton.jit
 def _target_row_step(K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree, step, head, H, D, VD, cutoff,
                      BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr):
     """Everything one step of a target-side loop reads for edge row_start + step of each row:
     valid, edge, the next step's source (prefetched), key [BLOCK_R, BLOCK_D], value [BLOCK_R, BLOCK_V],
     the edge scalars g, b, phi of the row's head and the edge geometry (_load_edge_geometry)."""
-    valid = step < degree
-    edge = row_start + step
-    src = src_next.to(tl.int64)
-    src_next = tl.load(SRC + edge + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
+    valid, edge, src, src_next = _csr_step(SRC, src_next, row_start, degree, step)
     key = _load_rows(K, (src * H + head) * D, valid, D, BLOCK_D)
     val = _load_rows(V, (src * H + head) * VD, valid, VD, BLOCK_V)
     g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
@@ -334,11 +342,7 @@ def _backward_target_kernel(
     src_next = tl.load(SRC + row_start, mask=degree > 0, other=0)
     for first in range(0, tl.max(degree, axis=0), EDGES_PER_STEP):
         for offset in tl.static_range(EDGES_PER_STEP):  # unrolled: the steps' loads can be in flight together
-            step = first + offset
-            valid = step < degree
-            edge = row_start + step
-            src = src_next.to(tl.int64)
-            src_next = tl.load(SRC + edge + 1, mask=step + 1 < degree, other=0)  # prefetched a step ahead
+            valid, edge, src, src_next = _csr_step(SRC, src_next, row_start, degree, first + offset)
             key = _load_rows(K, (src * H + head) * D, valid, D, BLOCK_D)
             g = tl.load(SCALE + edge * H + head, mask=valid, other=0.0)
             d_logit = tl.load(DBIAS + edge * H + head, mask=valid, other=0.0)
