@@ -310,6 +310,17 @@ def test_fine_tuning_starts_from_the_trained_model(data_files, tmp_path, monkeyp
     assert training_data["reference_fit_rank"] is None
 
 
+def test_fine_tuning_resumes_exactly(data_files, tmp_path):
+    """An interrupted fine-tuning run resumed from its checkpoint matches one run straight through."""
+    start = train(make_config(data_files, tmp_path / "start", epochs=1))["model"]
+    straight = make_config(data_files, tmp_path / "straight", model={"init_from": start})
+    train(straight)
+    interrupted = make_config(data_files, tmp_path / "interrupted", model={"init_from": start})
+    assert train(interrupted, stop_after_epochs=1)["finished"] is False
+    train(interrupted, resume=True)
+    assert without_times(read_log(tmp_path / "straight")) == without_times(read_log(tmp_path / "interrupted"))
+
+
 def test_fine_tuning_refuses_architecture_overrides(data_files, tmp_path):
     with pytest.raises(ValueError, match="model.init_from takes the architecture from .*remove model.overrides"):
         make_config(data_files, tmp_path / "run", model={"init_from": "some.safetensors", "overrides": TINY_MODEL})
