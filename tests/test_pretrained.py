@@ -25,6 +25,18 @@ def test_shipped_checkpoint_loads_by_name_and_its_sha256_matches_the_card():
     assert re.search(r"sha256[^0-9a-f]*([0-9a-f]{64})", card).group(1) == digest
 
 
+
+def test_the_cards_test_errors_are_the_checkpoints():
+    """The card quotes the held-out test errors the checkpoint's metadata recorded (a card left
+    stale after a new model ships fails here)."""
+    test = json.loads((PRETRAINED / f"{NAME}.json").read_text())["metadata"]["metrics"]["test"]["overall"]
+    card = (PRETRAINED / "MODEL_CARD.md").read_text()
+    held_out = card[card.index("- Held-out test"):]
+    energy = float(re.search(r"energy MAE ([0-9.]+) meV/atom", held_out).group(1))
+    force = float(re.search(r"force MAE ([0-9.]+) meV/Å", held_out).group(1))
+    assert energy == round(test["energy_mae_meV_per_atom"], 2)
+    assert force == round(test["force_mae_meV_per_A"], 1)
+
 def test_shipped_model_restores_a_stretched_oh_bond():
     """A physical sanity check any usable water model passes: stretching O-H by 0.15 Å costs
     energy and the force on that H points back towards its O; no net force on the molecule."""
