@@ -37,6 +37,29 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+
+def profile_device_time(function, repeats: int, on_gpu: bool) -> list[dict]:
+    """[{name, calls, ms}] per call of `function` under torch.profiler, largest first: each kernel
+    or op by its self device time (CUDA time on the GPU, CPU time on the CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as profiler:
+        for _ in range(repeats):
+            function()
+        synchronize()
+    rows = []
+    for event in profiler.key_averages():
+        device_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        if device_us > 0:
+            rows.append({"name": event.key, "calls": event.count / repeats, "ms": device_us / 1000 / repeats})
+    return sorted(rows, key=lambda row: -row["ms"])
+
+
+def print_profile_rows(rows: list[dict], total_ms: float, limit: int) -> None:
+    """The `limit` largest rows of a `profile_device_time` table, with their share of `total_ms`."""
+    for row in rows[:limit]:
+        print(f"  {row['ms']:9.3f} ms {100 * row['ms'] / total_ms:5.1f}%  x{row['calls']:<5g} {row['name'][:90]}")
+
 def time_cuda(function, warmup: int, repeats: int) -> float:
     """Mean seconds per call of `function()` after `warmup` calls (CUDA events on GPU)."""
     for _ in range(warmup):

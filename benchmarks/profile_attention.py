@@ -17,10 +17,9 @@ import os
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_attention import build_case, make_problem
-from benchmarks.common import environment, synchronize
+from benchmarks.common import environment, print_profile_rows, profile_device_time, synchronize
 
 
 def profile_pass(design: str, problem: dict, warmup: int, repeats: int) -> list[dict]:
@@ -36,19 +35,10 @@ def profile_pass(design: str, problem: dict, warmup: int, repeats: int) -> list[
     for _ in range(warmup):
         one_pass()
     synchronize()
-    on_gpu = problem["query"].is_cuda
-    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as profiler:
-        for _ in range(repeats):
-            one_pass()
-        synchronize()
+    rows = profile_device_time(one_pass, repeats, on_gpu=problem["query"].is_cuda)
     for tensor in inputs:
         tensor.requires_grad_(False)
-    rows = []
-    for event in profiler.key_averages():
-        device_us = event.self_device_time_total if on_gpu else event.self_cpu_time_total
-        if device_us > 0:
-            rows.append({"name": event.key, "calls": event.count / repeats, "ms": device_us / 1000 / repeats})
-    return sorted(rows, key=lambda row: -row["ms"])
+    return rows
 
 
 def main() -> None:
@@ -72,8 +62,7 @@ def main() -> None:
         results["profiles"][design] = rows
         total = sum(row["ms"] for row in rows)
         print(f"\n{design}: forward + backward, N = {nodes}, K = {neighbours}: {total:.3f} ms of device time per pass")
-        for row in rows[:12]:
-            print(f"  {row['ms']:9.3f} ms {100 * row['ms'] / total:5.1f}%  x{row['calls']:<4g} {row['name'][:90]}")
+        print_profile_rows(rows, total, limit=12)
     out = Path(arguments.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "attention_profile.json").write_text(json.dumps(results, indent=1) + "\n")
