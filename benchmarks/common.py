@@ -37,7 +37,6 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-
 def profile_device_time(function, repeats: int, on_gpu: bool) -> list[dict]:
     """[{name, calls, ms}] per call of `function` under torch.profiler, largest first: each kernel
     or op by its self device time (CUDA time on the GPU, CPU time on the CPU)."""
@@ -59,6 +58,7 @@ def print_profile_rows(rows: list[dict], total_ms: float, limit: int) -> None:
     """The `limit` largest rows of a `profile_device_time` table, with their share of `total_ms`."""
     for row in rows[:limit]:
         print(f"  {row['ms']:9.3f} ms {100 * row['ms'] / total_ms:5.1f}%  x{row['calls']:<5g} {row['name'][:90]}")
+
 
 def time_cuda(function, warmup: int, repeats: int) -> float:
     """Mean seconds per call of `function()` after `warmup` calls (CUDA events on GPU)."""

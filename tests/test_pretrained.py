@@ -25,7 +25,6 @@ def test_shipped_checkpoint_loads_by_name_and_its_sha256_matches_the_card():
     assert re.search(r"sha256[^0-9a-f]*([0-9a-f]{64})", card).group(1) == digest
 
 
-
 def test_the_cards_test_errors_are_the_checkpoints():
     """The card quotes the held-out test errors the checkpoint's metadata recorded (a card left
     stale after a new model ships fails here)."""
@@ -36,6 +35,7 @@ def test_the_cards_test_errors_are_the_checkpoints():
     force = float(re.search(r"force MAE ([0-9.]+) meV/Å", held_out).group(1))
     assert energy == round(test["energy_mae_meV_per_atom"], 2)
     assert force == round(test["force_mae_meV_per_A"], 1)
+
 
 def test_shipped_model_restores_a_stretched_oh_bond():
     """A physical sanity check any usable water model passes: stretching O-H by 0.15 Å costs
