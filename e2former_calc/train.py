@@ -351,8 +351,7 @@ def fit_energy_model(frames, model_config: E2FormerConfig, energy_scale: str):
 
     Returns (config, reference [K], summary dict for the run's metadata).
     """
-    counts = element_counts(frames, model_config.species)
-    energies = np.array([frame_labels(atoms)[0] for atoms in frames])
+    counts, energies = _counts_and_energies(frames, model_config.species)
     reference, rank = fit_reference_energies(counts, energies)
     residual_rms = _residual_rms(counts, energies, reference)
     if energy_scale == "residual_rms":
@@ -363,12 +362,7 @@ def fit_energy_model(frames, model_config: E2FormerConfig, energy_scale: str):
         scale = model_config.energy_scale
     if not scale > 0:
         raise ValueError(f"energy_scale '{energy_scale}' came out as {scale}; choose another (model.energy_scale)")
-    summary = {
-        "reference_energies_eV": {chemical_symbols[z]: float(e) for z, e in zip(model_config.species, reference)},
-        "reference_fit_rank": rank,
-        "residual_rms_meV_per_atom": 1000 * residual_rms,
-        "energy_scale_eV": scale,
-    }
+    summary = _energy_summary(model_config.species, reference, rank, residual_rms, scale)
     return replace(model_config, energy_scale=scale), reference, summary
 
 
@@ -379,16 +373,27 @@ def start_from_model(name_or_path: str, frames) -> tuple[E2FormerV2, dict]:
     model = load_model(name_or_path)
     config = model.config
     reference = model.reference_energy.double().numpy()
-    counts = element_counts(frames, config.species)
-    energies = np.array([frame_labels(atoms)[0] for atoms in frames])
-    summary = {
-        "reference_energies_eV": {chemical_symbols[z]: float(e) for z, e in zip(config.species, reference)},
-        "reference_fit_rank": None,
-        "residual_rms_meV_per_atom": 1000 * _residual_rms(counts, energies, reference),
-        "energy_scale_eV": config.energy_scale,
-        "init_from": {"model": str(name_or_path), "weights_sha256": model_description(name_or_path)["weights_sha256"]},
-    }
+    counts, energies = _counts_and_energies(frames, config.species)
+    summary = _energy_summary(config.species, reference, None, _residual_rms(counts, energies, reference),
+                              config.energy_scale)
+    summary["init_from"] = {"model": str(name_or_path), "weights_sha256": model_description(name_or_path)["weights_sha256"]}
     return model, summary
+
+
+def _counts_and_energies(frames, species) -> tuple[np.ndarray, np.ndarray]:
+    """Element counts [S, K] (K = len(species)) and labelled total energies [S] (eV) of `frames`."""
+    return element_counts(frames, species), np.array([frame_labels(atoms)[0] for atoms in frames])
+
+
+def _energy_summary(species, reference, rank, residual_rms: float, scale: float) -> dict:
+    """The run metadata's account of the energy model: reference energies (eV), the rank of their fit
+    (None when taken from a trained model), the residual RMS and energy_scale."""
+    return {
+        "reference_energies_eV": {chemical_symbols[z]: float(e) for z, e in zip(species, reference)},
+        "reference_fit_rank": rank,
+        "residual_rms_meV_per_atom": 1000 * residual_rms,
+        "energy_scale_eV": scale,
+    }
 
 
 def _residual_rms(counts: np.ndarray, energies: np.ndarray, reference: np.ndarray) -> float:
