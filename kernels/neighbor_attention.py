@@ -422,22 +422,24 @@ CONFIG_ENV = "E2FORMER_ATTENTION_CONFIG"
 
 # Defaults for BLOCK_V <= 64 by (kernel, payload, bytes per float), float32 chosen from timings on an
 # H200 (``python -m benchmarks.kernel_configs``, see BENCHMARKS.md "Launch configurations at three
-# large shapes"): on 2026-12-02 four candidates (16x4, 32x4, 16x4x2, 32x4x2) were timed for each kernel
-# on the benchmark shape (H=16, D=16, V=64, K=64), the water_small shape (H=16, D=8, V=36, K=32) and
-# the paper shape (H=128, D=8, V=18, K=32), each at 8-32k atoms. Each entry is the fastest on all three
-# shapes or within 9% of it; in direction, 16-row tiles won because the three [rows, BLOCK_V]
-# accumulators of 32-row tiles need up to 254 registers (``--compile-only``). Float64 keeps "16x8"
+# large shapes"): on 2026-12-02 eight configurations (16 or 32 rows x 2 or 4 warps x 1, 2 or 4
+# neighbour steps) were timed for each kernel on the benchmark shape (H=16, D=16, V=64, K=64), the
+# water_small shape (H=16, D=8, V=36, K=32) and the paper shape (H=128, D=8, V=18, K=32), at 8-32k
+# atoms. Direction: each entry is the one whose slowest shape is closest to that shape's fastest
+# configuration (within 18%, forward on water_small; within 8% for the others). Inverse distance:
+# the fastest on the benchmark shape, the only one timed. Small tiles win: 32-row tiles of the
+# direction source kernel need up to 254 registers (``--compile-only``). Float64 keeps "16x8"
 # (16 rows, 8 warps), which compiled for every tested shape spilling at most ~100 bytes (direction):
 # untimed, and the fallback. Rows halve for every doubling of BLOCK_V above 64, down to 16.
 DEFAULT_CONFIGS = {
-    ("forward", "inverse_distance", 4): LaunchConfig(32, 4),
-    ("forward", "direction", 4): LaunchConfig(16, 4),
+    ("forward", "inverse_distance", 4): LaunchConfig(16, 2),
+    ("forward", "direction", 4): LaunchConfig(16, 2),
     ("edge", "inverse_distance", 4): LaunchConfig(32, 4),
     ("edge", "direction", 4): LaunchConfig(16, 4),
-    ("target", "inverse_distance", 4): LaunchConfig(32, 4),
-    ("target", "direction", 4): LaunchConfig(32, 4),
-    ("source", "inverse_distance", 4): LaunchConfig(32, 4),
-    ("source", "direction", 4): LaunchConfig(16, 4, edges_per_step=2),
+    ("target", "inverse_distance", 4): LaunchConfig(16, 2, edges_per_step=2),
+    ("target", "direction", 4): LaunchConfig(16, 2, edges_per_step=2),
+    ("source", "inverse_distance", 4): LaunchConfig(16, 2, edges_per_step=2),
+    ("source", "direction", 4): LaunchConfig(16, 4, edges_per_step=4),
     **{(kernel, payload, 8): LaunchConfig(16, 8) for kernel in KERNELS for payload in PAYLOAD_WIDTH},
 }
 
