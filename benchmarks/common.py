@@ -4,6 +4,7 @@ device-to-device copy bandwidth, and a guard that turns a failing case into a re
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
 import time
@@ -14,7 +15,10 @@ from e2former_calc.provenance import source_commit
 
 
 def environment() -> dict:
-    """Device, versions, date, git commit and command line of this run (for results files)."""
+    """Device, versions, date, git commit and command line of this run (for results files), and the
+    attention launch-table override when one is set (it changes timings, not results)."""
+    from kernels.neighbor_attention import CONFIG_ENV
+
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": source_commit(),
@@ -23,6 +27,8 @@ def environment() -> dict:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
     }
+    if os.environ.get(CONFIG_ENV):
+        record[CONFIG_ENV] = os.environ[CONFIG_ENV]
     try:
         import triton
 
