@@ -48,6 +48,9 @@ from e2former_calc.datagen import config_id
 from e2former_calc.neighbors import build_graph
 
 MAX_OH_BOND = 1.3  # Å; a cluster with a longer intramolecular O–H (a dissociating water) is not carved
+# Å; two hydrogens of different waters closer than this are a "contact": the labelled clusters hold none
+# below 1.45 Å outside the frames around broken waters, and water's intermolecular g_HH is ~0 there
+HH_CONTACT = 1.4
 PLAN_INDEX_STRIDE = 100_000  # plan_index of round r starts at r * PLAN_INDEX_STRIDE (no clash with the base plan)
 
 
@@ -94,19 +97,27 @@ def broken_waters(snapshot: Atoms) -> list[int]:
 
 def molecular_integrity(frames) -> dict:
     """How molecular (O, H, H)-ordered periodic water frames stayed: the longest intramolecular O–H
-    (Å), the shortest O···H between different molecules (Å; minimum image) and the number of frames
-    holding a broken water (an O–H of MAX_OH_BOND or longer: see `broken_waters`)."""
-    longest, shortest, broken, count = 0.0, np.inf, 0, 0
+    (Å), the shortest O···H and H···H between different molecules (Å; minimum image), the number of
+    frames holding a broken water (an O–H of MAX_OH_BOND or longer: see `broken_waters`), and the
+    H···H contacts (pairs of different molecules closer than HH_CONTACT) per frame and frames with one."""
+    longest, shortest_oh, shortest_hh, broken, contacts, frames_with_contact, count = 0.0, np.inf, np.inf, 0, 0, 0, 0
     for frame in frames:
         molecules = sampling.whole_molecules(frame, 0)
         bonds = oh_bonds(molecules)
         longest, broken, count = max(longest, float(bonds.max())), broken + bool((bonds >= MAX_OH_BOND).any()), count + 1
-        _, distances = get_distances(molecules[:, 0], molecules[:, 1:].reshape(-1, 3), cell=frame.cell, pbc=frame.pbc)
+        hydrogens = molecules[:, 1:].reshape(-1, 3)
         own = np.repeat(np.arange(len(molecules)), 2)  # the molecule of each hydrogen
-        distances[own, np.arange(len(own))] = np.inf
-        shortest = min(shortest, float(distances.min()))
-    return {"frames": count, "longest_OH_bond_angstrom": longest, "shortest_intermolecular_OH_angstrom": shortest,
-            "frames_with_broken_water": broken}
+        _, oh = get_distances(molecules[:, 0], hydrogens, cell=frame.cell, pbc=frame.pbc)
+        oh[own, np.arange(len(own))] = np.inf
+        shortest_oh = min(shortest_oh, float(oh.min()))
+        _, hh = get_distances(hydrogens, cell=frame.cell, pbc=frame.pbc)
+        hh[own[:, None] == own[None, :]] = np.inf  # itself and its own molecule's other hydrogen
+        shortest_hh = min(shortest_hh, float(hh.min()))
+        frame_contacts = int((hh < HH_CONTACT).sum()) // 2
+        contacts, frames_with_contact = contacts + frame_contacts, frames_with_contact + bool(frame_contacts)
+    return {"frames": count, "longest_OH_bond_angstrom": longest, "shortest_intermolecular_OH_angstrom": shortest_oh,
+            "frames_with_broken_water": broken, "shortest_intermolecular_HH_angstrom": shortest_hh,
+            "HH_contacts_per_frame": contacts / max(count, 1), "frames_with_HH_contact": frames_with_contact}
 
 
 def defect_clusters(snapshots: list[Atoms], sizes: list[int]) -> list[Atoms]:

@@ -88,6 +88,16 @@ def load_frames(patterns: list[str]) -> list[Atoms]:
     return frames
 
 
+def group_key(atoms: Atoms, group_by: list[str]) -> str:
+    """sha256 of the frame's `info[key]` for `key` in `group_by`, or of its frame id when `group_by`
+    is empty or a key is missing: frames with equal keys are split together."""
+    if group_by and all(key in atoms.info for key in group_by):
+        key = repr(tuple(str(atoms.info[key]) for key in group_by))
+    else:
+        key = atoms.info.get("frame_id") or frame_id(atoms)
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def split_frames(
     frames: list[Atoms],
     val_fraction: float,
@@ -118,11 +128,7 @@ def split_frames(
         raise ValueError(f"need 0 <= val_fraction, test_fraction and a sum < 1; got {val_fraction}, {test_fraction}")
     groups: dict[str, list[int]] = {}
     for index, atoms in enumerate(frames):
-        if group_by and all(key in atoms.info for key in group_by):
-            key = repr(tuple(str(atoms.info[key]) for key in group_by))
-        else:
-            key = atoms.info.get("frame_id") or frame_id(atoms)
-        groups.setdefault(hashlib.sha256(key.encode()).hexdigest(), []).append(index)
+        groups.setdefault(group_key(atoms, group_by), []).append(index)
     order = sorted(groups)
     order = [order[i] for i in np.random.default_rng(seed).permutation(len(order))]
 
@@ -145,6 +151,44 @@ def split_frames(
         name = next((name for name in ("test", "val") if takes(name, group_strata)), "train")
         split[name].extend(groups[key])
         taken[name].update(group_strata)
+    return {name: sorted(indices) for name, indices in split.items()}
+
+
+def extend_split(
+    frames: list[Atoms],
+    recorded: dict[str, list[str]],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    group_by: list[str],
+    stratify_by: str | None = None,
+) -> dict[str, list[int]]:
+    """A recorded split kept as it was, and the frames it does not list split among themselves.
+
+    `recorded` maps "train", "val" and "test" to frame ids (a training run's split.json). Its frames
+    stay in their subset, so new data never moves a test frame into training; a new frame whose
+    group (`group_key`) already has a recorded frame joins that frame's subset, so groups stay
+    whole; the other new frames are split by `split_frames` with the same arguments. Raises
+    ValueError when a recorded frame is missing from `frames` (the data lost frames).
+    """
+    subset_of_id = {frame: name for name in ("train", "val", "test") for frame in recorded.get(name, [])}
+    present = {atoms.info["frame_id"] for atoms in frames}
+    missing = sorted(set(subset_of_id) - present)
+    if missing:
+        raise ValueError(f"{len(missing)} frames of the recorded split are not in the data (first: {missing[0]})")
+    subset_of_group = {group_key(atoms, group_by): subset_of_id[atoms.info["frame_id"]]
+                       for atoms in frames if atoms.info["frame_id"] in subset_of_id}
+    split = {"train": [], "val": [], "test": []}
+    new = []
+    for index, atoms in enumerate(frames):
+        name = subset_of_id.get(atoms.info["frame_id"]) or subset_of_group.get(group_key(atoms, group_by))
+        if name:
+            split[name].append(index)
+        else:
+            new.append(index)
+    new_split = split_frames([frames[k] for k in new], val_fraction, test_fraction, seed, group_by, stratify_by)
+    for name, indices in new_split.items():
+        split[name].extend(new[k] for k in indices)
     return {name: sorted(indices) for name, indices in split.items()}
 
 

@@ -62,6 +62,7 @@ from e2former_calc.checkpoint import load_model, model_description, resolve_devi
 from e2former_calc.dataset import (
     PackedFrames,
     element_counts,
+    extend_split,
     fit_reference_energies,
     frame_labels,
     load_frames,
@@ -91,6 +92,9 @@ class DataConfig:
     # fields of a label_correction.PairCorrection added to every frame's labels (train, val and test)
     # before anything else sees them; None: the labels as they are
     label_correction: dict | None = None
+    # a split.json whose frames keep their subset (new data never moves a test frame into training);
+    # frames it does not list are split by the rules above (dataset.extend_split). None: split afresh
+    split_from: str | None = None
 
 
 @dataclass
@@ -509,8 +513,12 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
     record_config(run_dir, config, resume)
 
     frames = labelled_frames(config.data)
-    split = split_frames(frames, config.data.val_fraction, config.data.test_fraction, config.data.split_seed,
-                         config.data.group_by, config.data.stratify_by)
+    rule = (config.data.val_fraction, config.data.test_fraction, config.data.split_seed, config.data.group_by,
+            config.data.stratify_by)
+    if config.data.split_from:
+        split = extend_split(frames, json.loads(Path(config.data.split_from).read_text()), *rule)
+    else:
+        split = split_frames(frames, *rule)
     if not split["train"] or not split["val"]:
         raise ValueError(f"the split has {len(split['train'])} training and {len(split['val'])} validation frames; need both")
     record_split(run_dir, frames, split, config, resume)

@@ -39,7 +39,7 @@ from ase.io import iread
 from ase.optimize import FIRE
 
 from e2former_calc import E2FormerCalculator
-from e2former_calc.active_learning import molecular_integrity
+from e2former_calc.active_learning import HH_CONTACT, molecular_integrity
 from e2former_calc.calculator import md_acceleration
 from e2former_calc.checkpoint import PRETRAINED_DIR, registered_models
 from e2former_calc.cli import add_acceleration_arguments, rigid_tip3p_water
@@ -299,7 +299,8 @@ def _analyse(output: Path, args: argparse.Namespace, record: dict) -> None:
           f"RMSE {metrics['rmse']:.3f} (2.5-{metrics['rmse_range_angstrom'][1]:.2f} Å)")
     print(f"molecules: longest O-H {integrity['longest_OH_bond_angstrom']:.2f} Å, shortest O···H between molecules "
           f"{integrity['shortest_intermolecular_OH_angstrom']:.2f} Å, {integrity['frames_with_broken_water']} frames "
-          "with a broken water")
+          f"with a broken water; shortest H···H between molecules {integrity['shortest_intermolecular_HH_angstrom']:.2f} Å, "
+          f"{integrity['HH_contacts_per_frame']:.2g} pairs closer than {HH_CONTACT} Å per frame")
 
 
 def _weights_sha256(model: str) -> str | None:

@@ -118,3 +118,10 @@ def test_molecular_integrity_finds_stretched_bonds_and_close_contacts(trajectory
     found = active_learning.molecular_integrity([close])
     assert found["shortest_intermolecular_OH_angstrom"] == pytest.approx(0.8, abs=1e-9)
     assert found["frames_with_broken_water"] == 1  # that hydrogen left its own oxygen
+    assert intact["frames_with_HH_contact"] == 0 and intact["shortest_intermolecular_HH_angstrom"] > active_learning.HH_CONTACT
+    # A hydrogen of water 1 placed 1.2 Å from a hydrogen of water 0, through the periodic boundary: one contact.
+    contact = frames[0].copy()
+    contact.positions[4] = contact.positions[1] + [1.2, 0.0, 0.0] - [contact.cell[0, 0], 0.0, 0.0]
+    found = active_learning.molecular_integrity([contact])
+    assert found["shortest_intermolecular_HH_angstrom"] == pytest.approx(1.2, abs=1e-9)
+    assert found["frames_with_HH_contact"] == 1 and found["HH_contacts_per_frame"] >= 1

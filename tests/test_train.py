@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from emt_water import water_cluster
 from e2former_calc.checkpoint import load_model
-from e2former_calc.dataset import element_counts, fit_reference_energies, frame_id, frame_labels, load_frames, split_frames
+from e2former_calc.dataset import (element_counts, extend_split, fit_reference_energies, frame_id, frame_labels, load_frames,
+                                   split_frames)
 from e2former_calc.cli import main as cli_main
 from e2former_calc.label_correction import PairCorrection, correct_labels
 import e2former_calc.train as train_module
@@ -209,6 +210,44 @@ def test_stratified_split_does_not_depend_on_file_order():
                 for name, indices in split_frames(ordered, 0.2, 0.2, 3, group_by, stratify_by="source").items()}
                for ordered in (frames, shuffled, frames[::-1])]
         assert ids[0] == ids[1] == ids[2]
+
+
+def test_extended_split_keeps_the_recorded_frames_and_splits_the_new_ones():
+    frames = sourced_frames()
+    frames += [Atoms("H", positions=[[0.5 * (93 + k), 0.0, 0.0]], info={"source": "active-learning", "snapshot": 200 + k})
+               for k in range(20)]  # 20 new groups of a new source
+    frames.append(Atoms("H", positions=[[0.0, 1.0, 0.0]], info={"source": "active-learning", "snapshot": 3}))  # old group
+    for atoms in frames:
+        atoms.info["frame_id"] = frame_id(atoms)
+    old = frames[:90]  # liquid, dimer, monomer
+    recorded = {name: [old[k].info["frame_id"] for k in indices]
+                for name, indices in split_frames(old, 0.2, 0.2, 0, ["snapshot"], stratify_by="source").items()}
+    split = extend_split(frames, recorded, 0.2, 0.2, seed=5, group_by=["snapshot"], stratify_by="source")
+    subset = {frames[k].info["frame_id"]: name for name, indices in split.items() for k in indices}
+    assert len(subset) == len(frames)
+    assert all(subset[frame] == name for name, ids in recorded.items() for frame in ids)
+    assert subset[frames[-1].info["frame_id"]] == subset[frames[12].info["frame_id"]]  # joins snapshot 3's subset
+    new = frames[90:113]  # md-failure (3) and the 20 new groups, split among themselves
+    assert sources_per_subset(new, {name: [k for k, atoms in enumerate(new) if subset[atoms.info["frame_id"]] == name]
+                                    for name in split}) == {
+        "train": {"md-failure": 3, "active-learning": 12}, "val": {"active-learning": 4}, "test": {"active-learning": 4}}
+    with pytest.raises(ValueError, match="not in the data"):
+        extend_split(frames[1:], recorded, 0.2, 0.2, 5, ["snapshot"], stratify_by="source")
+
+
+def test_training_keeps_the_split_it_is_given(data_files, tmp_path):
+    first = make_config(data_files, tmp_path / "first")
+    train(first, stop_after_epochs=1)
+    recorded = json.loads((tmp_path / "first" / "split.json").read_text())
+    again = make_config(data_files, tmp_path / "again", data__split_seed=5,
+                        data__split_from=str(tmp_path / "first" / "split.json"))
+    train(again, stop_after_epochs=1)
+    kept = json.loads((tmp_path / "again" / "split.json").read_text())
+    assert {name: kept[name] for name in ("train", "val", "test")} == {
+        name: recorded[name] for name in ("train", "val", "test")}
+    frames = load_frames(data_files)
+    assert split_frames(frames, 0.25, 0.25, 5, ["temperature_K", "snapshot"]) != split_frames(
+        frames, 0.25, 0.25, 0, ["temperature_K", "snapshot"])  # seed 5 alone would have split otherwise
 
 
 def test_split_json_and_config_record_stratify_by(data_files, tmp_path):
