@@ -12,13 +12,12 @@ import time
 import torch
 
 from e2former_calc.provenance import source_commit
+from kernels.neighbor_attention import CONFIG_ENV
 
 
 def environment() -> dict:
     """Device, versions, date, git commit and command line of this run (for results files), and the
     attention launch-table override when one is set (it changes timings, not results)."""
-    from kernels.neighbor_attention import CONFIG_ENV
-
     record = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": source_commit(),

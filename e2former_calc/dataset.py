@@ -154,23 +154,17 @@ def split_frames(
     return {name: sorted(indices) for name, indices in split.items()}
 
 
-def extend_split(
-    frames: list[Atoms],
-    recorded: dict[str, list[str]],
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    group_by: list[str],
-    stratify_by: str | None = None,
-) -> dict[str, list[int]]:
+def extend_split(frames: list[Atoms], recorded: dict[str, list[str]], **rule) -> dict[str, list[int]]:
     """A recorded split kept as it was, and the frames it does not list split among themselves.
 
     `recorded` maps "train", "val" and "test" to frame ids (a training run's split.json). Its frames
     stay in their subset, so new data never moves a test frame into training; a new frame whose
-    group (`group_key`) already has a recorded frame joins that frame's subset, so groups stay
-    whole; the other new frames are split by `split_frames` with the same arguments. Raises
-    ValueError when a recorded frame is missing from `frames` (the data lost frames).
+    group (`group_key` with rule["group_by"]) already has a recorded frame joins that frame's subset,
+    so groups stay whole; the other new frames are split by `split_frames(new_frames, **rule)` (rule:
+    val_fraction, test_fraction, seed, group_by, stratify_by). Raises ValueError when a recorded
+    frame is missing from `frames` (the data lost frames).
     """
+    group_by = rule["group_by"]
     subset_of_id = {frame: name for name in ("train", "val", "test") for frame in recorded.get(name, [])}
     present = {atoms.info["frame_id"] for atoms in frames}
     missing = sorted(set(subset_of_id) - present)
@@ -186,7 +180,7 @@ def extend_split(
             split[name].append(index)
         else:
             new.append(index)
-    new_split = split_frames([frames[k] for k in new], val_fraction, test_fraction, seed, group_by, stratify_by)
+    new_split = split_frames([frames[k] for k in new], **rule)
     for name, indices in new_split.items():
         split[name].extend(new[k] for k in indices)
     return {name: sorted(indices) for name, indices in split.items()}

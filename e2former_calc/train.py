@@ -513,12 +513,12 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epochs: int | No
     record_config(run_dir, config, resume)
 
     frames = labelled_frames(config.data)
-    rule = (config.data.val_fraction, config.data.test_fraction, config.data.split_seed, config.data.group_by,
-            config.data.stratify_by)
+    rule = {"val_fraction": config.data.val_fraction, "test_fraction": config.data.test_fraction,
+            "seed": config.data.split_seed, "group_by": config.data.group_by, "stratify_by": config.data.stratify_by}
     if config.data.split_from:
-        split = extend_split(frames, json.loads(Path(config.data.split_from).read_text()), *rule)
+        split = extend_split(frames, json.loads(Path(config.data.split_from).read_text()), **rule)
     else:
-        split = split_frames(frames, *rule)
+        split = split_frames(frames, **rule)
     if not split["train"] or not split["val"]:
         raise ValueError(f"the split has {len(split['train'])} training and {len(split['val'])} validation frames; need both")
     record_split(run_dir, frames, split, config, resume)

@@ -222,7 +222,8 @@ def test_extended_split_keeps_the_recorded_frames_and_splits_the_new_ones():
     old = frames[:90]  # liquid, dimer, monomer
     recorded = {name: [old[k].info["frame_id"] for k in indices]
                 for name, indices in split_frames(old, 0.2, 0.2, 0, ["snapshot"], stratify_by="source").items()}
-    split = extend_split(frames, recorded, 0.2, 0.2, seed=5, group_by=["snapshot"], stratify_by="source")
+    rule = {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 5, "group_by": ["snapshot"], "stratify_by": "source"}
+    split = extend_split(frames, recorded, **rule)
     subset = {frames[k].info["frame_id"]: name for name, indices in split.items() for k in indices}
     assert len(subset) == len(frames)
     assert all(subset[frame] == name for name, ids in recorded.items() for frame in ids)
@@ -232,7 +233,7 @@ def test_extended_split_keeps_the_recorded_frames_and_splits_the_new_ones():
                                     for name in split}) == {
         "train": {"md-failure": 3, "active-learning": 12}, "val": {"active-learning": 4}, "test": {"active-learning": 4}}
     with pytest.raises(ValueError, match="not in the data"):
-        extend_split(frames[1:], recorded, 0.2, 0.2, 5, ["snapshot"], stratify_by="source")
+        extend_split(frames[1:], recorded, **rule)
 
 
 def test_training_keeps_the_split_it_is_given(data_files, tmp_path):
