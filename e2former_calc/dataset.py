@@ -162,10 +162,12 @@ def extend_split(frames: list[Atoms], recorded: dict[str, list[str]], **rule) ->
     group (`group_key` with rule["group_by"]) already has a recorded frame joins that frame's subset,
     so groups stay whole; the other new frames are split by `split_frames(new_frames, **rule)` (rule:
     val_fraction, test_fraction, seed, group_by, stratify_by). Raises ValueError when a recorded
-    frame is missing from `frames` (the data lost frames).
+    frame is missing from `frames` (the data lost frames) or `recorded` lacks one of the three lists.
     """
+    if not all(isinstance(recorded.get(name), list) for name in ("train", "val", "test")):
+        raise ValueError(f"a recorded split needs 'train', 'val' and 'test' lists of frame ids; got keys {sorted(recorded)}")
     group_by = rule["group_by"]
-    subset_of_id = {frame: name for name in ("train", "val", "test") for frame in recorded.get(name, [])}
+    subset_of_id = {frame: name for name in ("train", "val", "test") for frame in recorded[name]}
     present = {atoms.info["frame_id"] for atoms in frames}
     missing = sorted(set(subset_of_id) - present)
     if missing:

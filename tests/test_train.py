@@ -234,6 +234,8 @@ def test_extended_split_keeps_the_recorded_frames_and_splits_the_new_ones():
         "train": {"md-failure": 3, "active-learning": 12}, "val": {"active-learning": 4}, "test": {"active-learning": 4}}
     with pytest.raises(ValueError, match="not in the data"):
         extend_split(frames[1:], recorded, **rule)
+    with pytest.raises(ValueError, match="needs 'train', 'val' and 'test'"):
+        extend_split(frames, {"seed": 0, "train": recorded["train"]}, **rule)  # not a split.json
 
 
 def test_training_keeps_the_split_it_is_given(data_files, tmp_path):
