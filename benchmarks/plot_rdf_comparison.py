@@ -1,8 +1,9 @@
 """Several g_OO(r) curves (rdf.csv files of water_nvt.py or `e2former rdf`) over one experiment, one figure.
 
     python -m benchmarks.plot_rdf_comparison \\
-        examples/results/water_nvt_full/rdf.csv="corrected labels: d2a, shipped (50 ps)" \\
-        examples/results/water_nvt_full_b1/rdf.csv="corrected labels: b1, shipped before (50 ps)" \\
+        examples/results/water_nvt_full/rdf.csv="corrected labels: h2, shipped (50 ps)" \\
+        examples/results/water_nvt_full_d2a/rdf.csv="corrected labels: d2a, shipped before (50 ps)" \\
+        examples/results/water_nvt_full_b1/rdf.csv="corrected labels: b1, shipped before d2a (50 ps)" \\
         examples/results/water_nvt_full_stratified_s1/rdf.csv="labels as computed: s1, b1's twin (10 ps)" \\
         examples/results/water_nvt_full_z1/rdf.csv="labels as computed: z1, shipped before b1 (50 ps)" \\
         --out examples/results/rdf_label_correction.png

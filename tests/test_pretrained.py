@@ -52,3 +52,20 @@ def test_shipped_model_restores_a_stretched_oh_bond():
     assert energies[1] > energies[0] + 0.05
     assert np.dot(forces[1], bond) < 0
     assert abs(forces.sum(axis=0)).max() < 1e-8
+
+
+def test_the_committed_full_protocol_run_is_the_shipped_models_and_the_card_quotes_it():
+    """examples/results/water_nvt_full/ holds the 60 ps liquid run of exactly these weights, complete, and the
+    card's liquid check quotes its g_OO numbers (shipping new weights without their run fails here)."""
+    run_dir = Path(__file__).parents[1] / "examples" / "results" / "water_nvt_full"
+    run = json.loads((run_dir / "run.json").read_text())
+    shipped = json.loads((PRETRAINED / f"{NAME}.json").read_text())["weights_sha256"]
+    assert run["settings"]["weights_sha256"] == shipped
+    assert run["complete"] and run["molecular_integrity"]["frames_with_broken_water"] == 0
+    rdf = json.loads((run_dir / "rdf_metrics.json").read_text())
+    card = (PRETRAINED / "MODEL_CARD.md").read_text()
+    liquid = card[card.index("- Liquid check"):]
+    assert float(re.search(r"first peak \*\*([0-9.]+) Å", liquid).group(1)) == round(
+        rdf["model"]["first_peak_position_angstrom"], 3)
+    assert float(re.search(r"height \*\*([0-9.]+)\*\*", liquid).group(1)) == round(rdf["model"]["first_peak_height"], 2)
+    assert float(re.search(r"RMSE over 2.5–8 Å\s+\*\*([0-9.]+)\*\*", liquid).group(1)) == round(rdf["rmse"], 3)
