@@ -24,7 +24,10 @@ ours against the reference (max abs / relative error of the output and all 7 gra
 fp64, both payloads, ragged graph with zero-neighbour atoms); device-to-device copy bandwidth;
 the N sweep {128 ... 32768} at K = 64; the K sweep {16, 32, 64, 128} at N = 32768; "locality":
 naive and ours at N = 32768 with each atom's neighbours drawn from the 1024 atoms around it in
-index order (as after a Morton sort), so that gathers hit L1/L2; "large": ours at N = 2^17 ... 2^20.
+index order (as after a Morton sort), so that gathers hit L1/L2; "large": ours at N = 2^17 ... 2^20;
+"graphs" (CUDA only): naive, sdpa and ours at N = 128, 512, 2048 with each call captured once in a CUDA graph
+and replayed, which removes the host's launch overhead (what a small system pays in our CUDA-graph MD).
+--sections and --sizes pick a subset, e.g. ``--sections "N sweep" graphs --sizes 128 512 2048``.
 
 Flops are counted identically for all designs, per edge and head: 2 D for q.k plus 2 C A for the
 weighted value sum (A = 1 except ours_dir); softmax, envelope and gathers are not counted, and
@@ -262,8 +265,24 @@ def gathered_bytes(sizes, width, backward):
     return moved
 
 
-def measure(design, problem, mode, warmup, reps, bandwidth):
-    """Time one (design, mode) on a problem: the record's measured fields (raises on failure)."""
+def captured(step):
+    """`step` captured once in a CUDA graph (after three warm-up calls on a side stream, which the
+    capture needs); returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def measure(design, problem, mode, warmup, reps, bandwidth, graph=False):
+    """Time one (design, mode) on a problem, eagerly or replaying a CUDA graph of the call: the
+    record's measured fields (raises on failure)."""
     sizes = problem_sizes(problem)
     num_nodes, neighbours, heads, head_dim, value_dim = sizes
     forward, inputs, width = build_case(design, problem)
@@ -289,7 +308,7 @@ def measure(design, problem, mode, warmup, reps, bandwidth):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated()
-    timing = time_calls(step, warmup, reps)
+    timing = time_calls(captured(step) if graph else step, warmup, reps)
     flops = num_nodes * neighbours * heads * (2 * head_dim + 2 * value_dim * width) * (3 if mode == "fwd+bwd" else 1)
     moved = minimum_bytes(design, sizes, width, mode == "fwd+bwd")
     seconds = timing["mean_ms"] * 1e-3
@@ -311,7 +330,8 @@ def measure(design, problem, mode, warmup, reps, bandwidth):
 def run_case(section, design, problem, mode, warmup, reps, bandwidth):
     """The record of one case; failures (OOM, compile errors) become its status."""
     record = dict(zip(["section", "design", "mode", "N", "K", "H", "D", "C"], [section, design, mode, *problem_sizes(problem)]))
-    measured, status = guarded(lambda: measure(design, problem, mode, warmup, reps, bandwidth))
+    graph = section == "graphs"
+    measured, status = guarded(lambda: measure(design, problem, mode, warmup, reps, bandwidth, graph=graph))
     for name in OUR_INPUTS:
         problem[name].requires_grad_(False)
     if problem["query"].is_cuda:
@@ -356,12 +376,17 @@ def kernels_available(device):
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+SECTIONS = ("N sweep", "K sweep", "locality", "large", "graphs")
+
+
 def plan_cases(args, device):
     """[(section, design, N, K, local, mode)] in the order they run."""
     if args.smoke:
         sizes, neighbours, k_sweep, large = [16, 32], 4, [2, 4, 8], [64]
     else:
         sizes, neighbours, k_sweep, large = [128, 512, 2048, 8192, 32768], 64, [16, 32, 64, 128], [2**17, 2**18, 2**19, 2**20]
+    small = sizes[:3]
+    sizes = args.sizes or sizes
     baselines = ["naive", "sdpa", "split", "torch_ref"] if kernels_available(device) else ["naive", "sdpa", "torch_ref"]
     mine = ["ours_inv", "ours_dir"] if kernels_available(device) else []
     top = sizes[-1]
@@ -377,7 +402,9 @@ def plan_cases(args, device):
             plan += [("K sweep", d, top, k, False, m) for d in ["naive", "split", *mine] if d in baselines + mine for m in modes]
     plan += [("locality", d, top, neighbours, True, m) for d in ["naive", *mine] for m in modes]
     plan += [("large", d, n, neighbours, False, m) for n in large for d in mine for m in modes]
-    return plan
+    if device.type == "cuda":
+        plan += [("graphs", d, n, neighbours, False, m) for n in small for d in ["naive", "sdpa", *mine] for m in modes]
+    return [case for case in plan if args.sections is None or case[0] in args.sections]
 
 
 TABLE_HEADER = (f"{'section':<9} {'design':<10} {'mode':<8} {'N':>8} {'K':>4} {'ms':>10} {'TFLOPS':>7} "
@@ -416,6 +443,8 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and heads, one timed run (CPU check of the script)")
     parser.add_argument("--budget-s", type=float, default=330.0, help="start no new case after this many seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, help="run only these sections (default: all)")
+    parser.add_argument("--sizes", nargs="+", type=int, help="N of the N sweep (default: 128 ... 32768)")
     args = parser.parse_args()
     device = torch.device(args.device)
     started = time.perf_counter()
@@ -423,7 +452,8 @@ def main():
     shape = SMOKE_SHAPE if args.smoke else (HEADS, HEAD_DIM, VALUE_DIM)
 
     report = dict(environment(), protocol=dict(H=shape[0], D=shape[1], C=shape[2], cutoff=CUTOFF, dtype="float32",
-                                               warmup=warmup, reps=reps, local_window=LOCAL_WINDOW,
+                                               warmup=warmup, reps=reps, local_window=LOCAL_WINDOW, sections=args.sections,
+                                               sizes=args.sizes,
                                                timing="CUDA events" if device.type == "cuda" else "perf_counter"))
     if kernels_available(device):
         sizes = (24, 5) if args.smoke else (300, 40)
