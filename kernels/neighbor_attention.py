@@ -421,25 +421,26 @@ KERNELS = ("forward", "edge", "target", "source")
 CONFIG_ENV = "E2FORMER_ATTENTION_CONFIG"
 
 # Defaults for BLOCK_V <= 64 by (kernel, payload, bytes per float), float32 chosen from timings on an
-# H200 (``python -m benchmarks.kernel_configs``, see BENCHMARKS.md "Launch configurations at three
-# large shapes"): on 2026-12-02 eight configurations (16 or 32 rows x 2 or 4 warps x 1, 2 or 4
-# neighbour steps) were timed for each kernel on the benchmark shape (H=16, D=16, V=64, K=64), the
-# water_small shape (H=16, D=8, V=36, K=32) and the paper shape (H=128, D=8, V=18, K=32), at 8-32k
-# atoms. Direction: each entry is the one whose slowest shape is closest to that shape's fastest
-# configuration (within 18%, forward on water_small; within 8% for the others). Inverse distance:
-# the fastest on the benchmark shape, the only one timed. Small tiles win: 32-row tiles of the
-# direction source kernel need up to 254 registers (``--compile-only``). Float64 keeps "16x8"
-# (16 rows, 8 warps), which compiled for every tested shape spilling at most ~100 bytes (direction):
-# untimed, and the fallback. Rows halve for every doubling of BLOCK_V above 64, down to 16.
+# H200 (``python -m benchmarks.kernel_configs``, see BENCHMARKS.md "Launch configurations"): each
+# configuration timed per kernel on the benchmark shape (H=16, D=16, V=64, K=64), the water_small shape
+# (H=16, D=8, V=36, K=32) and the paper shape (H=128, D=8, V=18, K=32) at 8-32k atoms, and at 648-2048
+# atoms (water MD, small benchmark). 2026-12-02: 16 or 32 rows x 2 or 4 warps x 1, 2 or 4 neighbour
+# steps; then 8-row tiles (8x1, 8x1x2, 8x2), which won almost everywhere: more, lighter programs in
+# flight hide the latency of the gathers. Each entry is the one whose slowest shape is closest to that
+# shape's fastest configuration (within 4% for forward, edge and source; d query 8x1x2 for the direction
+# is +26% on the paper shape, 0.1 ms, and 2x faster on the water MD shape). Inverse distance: the
+# benchmark shape only. Float64 keeps "16x8" (16 rows, 8 warps), which compiled for every tested shape
+# spilling at most ~100 bytes (direction): untimed, and the fallback. Rows halve for every doubling of
+# BLOCK_V above 64, down to 16 (or the entry's rows, if fewer).
 DEFAULT_CONFIGS = {
-    ("forward", "inverse_distance", 4): LaunchConfig(16, 2),
-    ("forward", "direction", 4): LaunchConfig(16, 2),
-    ("edge", "inverse_distance", 4): LaunchConfig(32, 4),
-    ("edge", "direction", 4): LaunchConfig(16, 4),
+    ("forward", "inverse_distance", 4): LaunchConfig(8, 1),
+    ("forward", "direction", 4): LaunchConfig(8, 1),
+    ("edge", "inverse_distance", 4): LaunchConfig(8, 1, edges_per_step=2),
+    ("edge", "direction", 4): LaunchConfig(8, 1),
     ("target", "inverse_distance", 4): LaunchConfig(16, 2, edges_per_step=2),
-    ("target", "direction", 4): LaunchConfig(16, 2, edges_per_step=2),
-    ("source", "inverse_distance", 4): LaunchConfig(16, 2, edges_per_step=2),
-    ("source", "direction", 4): LaunchConfig(16, 4, edges_per_step=4),
+    ("target", "direction", 4): LaunchConfig(8, 1, edges_per_step=2),
+    ("source", "inverse_distance", 4): LaunchConfig(8, 1),
+    ("source", "direction", 4): LaunchConfig(8, 2),
     **{(kernel, payload, 8): LaunchConfig(16, 8) for kernel in KERNELS for payload in PAYLOAD_WIDTH},
 }
 
@@ -447,7 +448,8 @@ DEFAULT_CONFIGS = {
 def _default_config(kernel: str, payload: str, block_v: int, itemsize: int) -> LaunchConfig:
     """The table entry, with fewer rows for value widths above 64 (the tiles grow with BLOCK_V)."""
     config = DEFAULT_CONFIGS[kernel, payload, itemsize]
-    return config._replace(block_rows=max(16, config.block_rows * 64 // max(block_v, 64)))
+    fewest = min(16, config.block_rows)
+    return config._replace(block_rows=max(fewest, config.block_rows * 64 // max(block_v, 64)))
 
 
 def _parse_config_override(text: str) -> dict:

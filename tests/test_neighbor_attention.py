@@ -223,10 +223,12 @@ def test_default_configs_are_powers_of_two_and_grids_cover_every_row(kernel, pay
     for num_heads, head_dim, value_dim in [(16, 16, 64), (128, 8, 18), (3, 5, 29), (8, 16, 144)]:
         grid, meta = _launch_config(kernel, 1001, num_heads, head_dim, value_dim, payload, dtype)
         rows = meta["BLOCK_R"]
-        assert 16 <= rows <= 128 and rows & (rows - 1) == 0
-        assert (grid[0] - 1) * rows < 1001 * num_heads <= grid[0] * rows
+        assert 8 <= rows <= 128 and rows & (rows - 1) == 0
+        per_program = rows * (meta["EDGES_PER_STEP"] if kernel == "edge" else 1)  # edge: EDGES_PER_STEP tiles
+        assert (grid[0] - 1) * per_program < 1001 * num_heads <= grid[0] * per_program
         assert meta["BLOCK_V"] >= value_dim and meta["BLOCK_D"] >= head_dim
-    assert _default_config(kernel, payload, 64, 8).block_rows <= _default_config(kernel, payload, 64, 4).block_rows
+    double, single = _default_config(kernel, payload, 64, 8), _default_config(kernel, payload, 64, 4)
+    assert double.block_rows / double.num_warps <= single.block_rows / single.num_warps  # registers per thread
     assert _default_config(kernel, payload, 256, 4).block_rows <= _default_config(kernel, payload, 64, 4).block_rows
 
 
