@@ -427,8 +427,8 @@ CONFIG_ENV = "E2FORMER_ATTENTION_CONFIG"
 # atoms (water MD, small benchmark). 2026-12-02: 16 or 32 rows x 2 or 4 warps x 1, 2 or 4 neighbour
 # steps; then 8-row tiles (8x1, 8x1x2, 8x2), which won almost everywhere: more, lighter programs in
 # flight hide the latency of the gathers. Each entry is the one whose slowest shape is closest to that
-# shape's fastest configuration (within 4% for forward, edge and source; d query 8x1x2 for the direction
-# is +26% on the paper shape, 0.1 ms, and 2x faster on the water MD shape). Inverse distance: the
+# shape's fastest configuration (within 4% on the three large shapes for forward, edge and source; d query
+# 8x1x2 for the direction is +26% on the paper shape, 0.1 ms, and 2x faster on the water MD shape). Inverse distance: the
 # benchmark shape only. Float64 keeps "16x8" (16 rows, 8 warps), which compiled for every tested shape
 # spilling at most ~100 bytes (direction): untimed, and the fallback. Rows halve for every doubling of
 # BLOCK_V above 64, down to 16 (or the entry's rows, if fewer).
