@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.common import copy_bandwidth, environment, guarded, time_calls
+from e2former_calc.cuda_graph import capture
 from e2former_calc.kernels.neighbor_attention import neighbor_attention, transpose_neighbors
 
 HEADS, HEAD_DIM, VALUE_DIM, CUTOFF = 16, 16, 64, 5.0
@@ -266,18 +267,8 @@ def gathered_bytes(sizes, width, backward):
 
 
 def captured(step):
-    """`step` captured once in a CUDA graph (after three warm-up calls on a side stream, which the
-    capture needs); returns the graph's replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    """`step` captured once in a CUDA graph (after three warm-up calls); returns the graph's replay."""
+    return capture(step, warmup_calls=3)[0].replay
 
 
 def measure(design, problem, mode, warmup, reps, bandwidth, graph=False):

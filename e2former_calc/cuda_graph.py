@@ -16,9 +16,33 @@ that found more pairs than the capacity, or a non-periodic system's search).
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
 
 from e2former_calc.models.graph import AtomicGraph
+
+Result = TypeVar("Result")
+
+
+def capture(step: Callable[[], Result], device: torch.device | None = None,
+            warmup_calls: int = 1) -> tuple[torch.cuda.CUDAGraph, Result, Result]:
+    """`step()` captured in a CUDA graph after `warmup_calls` eager calls on a side stream (capture
+    needs them: kernel compilation, lazy initialisation and host reads must not be recorded).
+
+    Returns (the graph, the last eager call's result, the captured call's result, whose tensors
+    each `graph.replay()` overwrites).
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            eager = step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    return graph, eager, captured
 
 
 class CapturedModel:
@@ -51,14 +75,7 @@ class CapturedModel:
         # Release the previous capture and its private memory pool first (a reset graph's pool
         # cannot be handed to a new capture: the caching allocator asserts).
         self._graph = self._outputs = self._cuda_graph = None
-        side = torch.cuda.Stream(graph.positions.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            eager = self.model(graph, **options)
-        torch.cuda.current_stream().wait_stream(side)
-        self._cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._cuda_graph):
-            self._outputs = self.model(graph, **options)
+        self._cuda_graph, eager, self._outputs = capture(lambda: self.model(graph, **options), graph.positions.device)
         self._graph, self._options = graph, dict(options)
         self.captures += 1
         return eager

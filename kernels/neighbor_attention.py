@@ -477,8 +477,16 @@ def _launch_config(kernel, num_rows, num_heads, head_dim, value_dim, payload, dt
     The knobs come from DEFAULT_CONFIGS unless the environment variable E2FORMER_ATTENTION_CONFIG
     overrides them, e.g. ``16x8`` (the fallback) for all kernels or ``target=16x8x2`` for one.
     """
+    return _cached_launch_config(kernel, num_rows, num_heads, head_dim, value_dim, payload, dtype,
+                                 os.environ.get(CONFIG_ENV, ""))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_launch_config(kernel, num_rows, num_heads, head_dim, value_dim, payload, dtype, override):
+    """``_launch_config`` for one value of the override variable, cached: building it costs ~20 µs
+    of host time, which at small N is comparable to a kernel's GPU time."""
     block_v = triton.next_power_of_2(value_dim)
-    config = _parse_config_override(os.environ.get(CONFIG_ENV, "")).get(kernel)
+    config = _parse_config_override(override).get(kernel)
     config = config or _default_config(kernel, payload, block_v, torch.finfo(dtype).bits // 8)
     meta = dict(
         DIRECTION=payload == "direction", BLOCK_R=config.block_rows, BLOCK_D=triton.next_power_of_2(head_dim),
