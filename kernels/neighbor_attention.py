@@ -33,7 +33,10 @@ Every output element is written by exactly one program: deterministic, no atomic
 Launch knobs (rows per program, warps, neighbour steps unrolled per loop iteration) per kernel come
 from DEFAULT_CONFIGS, overridable with the environment variable E2FORMER_ATTENTION_CONFIG
 (``_launch_config``; ``16x8`` is the fallback). For the edge kernel EDGES_PER_STEP is the number of
-BLOCK_R-row tiles per program.
+BLOCK_R-row tiles per program. The sizes H, D and V are compile-time constants (a model's are fixed;
+each new (H, D, V) compiles once): the row index splits into atom or edge and head by constant
+shifts, not 64-bit divisions, and the column masks fold away, which matters because the edge kernel
+is bound by instruction issue (Nsight Compute, BENCHMARKS.md).
 
 Backward algebra, per (edge e, head), with G_a = dOut[i, a, h, :], c_a = <G_a, v_j>,
 c = sum_a u_a c_a and Delta_i = sum_{a, v} dOut * Out (FlashAttention-2's row term):
@@ -214,7 +217,7 @@ def _target_row_step(K, V, R, SCALE, BIAS, VW, SRC, src_next, row_start, degree,
 def _forward_kernel(
     Q, K, V, R, SCALE, BIAS, VW, ROW_PTR, SRC, PARAMS,  # inputs
     OUT, LSE,  # outputs: [N, A, H, V], [N, H]
-    N, H, D, VD,
+    N, H: tl.constexpr, D: tl.constexpr, VD: tl.constexpr,
     DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
     EDGES_PER_STEP: tl.constexpr,
 ):
@@ -265,7 +268,7 @@ def _forward_kernel(
 def _backward_edge_kernel(
     Q, K, V, R, SCALE, BIAS, VW, SRC, TGT, PARAMS, LSE, DELTA, DOUT,  # inputs
     DSCALE, DBIAS, DVW, DR_PER_HEAD,  # outputs: 3 x [E, H], [E, H, 3]
-    E, H, D, VD,
+    E, H: tl.constexpr, D: tl.constexpr, VD: tl.constexpr,
     DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
     EDGES_PER_STEP: tl.constexpr,
 ):
@@ -331,7 +334,7 @@ def _backward_edge_kernel(
 def _backward_target_kernel(
     K, SCALE, ROW_PTR, SRC, PARAMS, DBIAS,  # inputs (DBIAS = d logit from the edge kernel)
     DQ,  # output: [N, H, D]
-    N, H, D, VD,
+    N, H: tl.constexpr, D: tl.constexpr, VD: tl.constexpr,
     DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
     EDGES_PER_STEP: tl.constexpr,
 ):
@@ -354,7 +357,7 @@ def _backward_target_kernel(
 def _backward_source_kernel(
     Q, K, R, SCALE, BIAS, VW, COL_PTR, EDGE_OF_SLOT, TARGET_OF_SLOT, PARAMS, LSE, DOUT, DBIAS,  # inputs
     DK, DV,  # outputs: [N, H, D], [N, H, V]
-    N, H, D, VD,
+    N, H: tl.constexpr, D: tl.constexpr, VD: tl.constexpr,
     DIRECTION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
     EDGES_PER_STEP: tl.constexpr,
 ):
