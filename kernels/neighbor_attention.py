@@ -430,20 +430,22 @@ CONFIG_ENV = "E2FORMER_ATTENTION_CONFIG"
 # atoms (water MD, small benchmark). 2026-12-02: 16 or 32 rows x 2 or 4 warps x 1, 2 or 4 neighbour
 # steps; then 8-row tiles (8x1, 8x1x2, 8x2), which won almost everywhere: more, lighter programs in
 # flight hide the latency of the gathers. Each entry is the one whose slowest shape is closest to that
-# shape's fastest configuration (within 4% on the three large shapes for forward, edge and source; d query
-# 8x1x2 for the direction is +26% on the paper shape, 0.1 ms, and 2x faster on the water MD shape). Inverse distance: the
+# shape's fastest configuration. Retimed after H, D and V became compile-time constants (seven
+# configurations, four shapes; kernel_configs_constexpr_sweep_h200.json): source 8x1x2 (within 4% of the
+# fastest on every shape), d query 16x2x2 for the direction (within 10%), forward 8x1 (the paper and
+# water MD shapes' fastest; +19% on water_small), edge 8x1 (within 6%). Inverse distance: the
 # benchmark shape only. Float64 keeps "16x8" (16 rows, 8 warps), which compiled for every tested shape
 # spilling at most ~100 bytes (direction): untimed, and the fallback. Rows halve for every doubling of
 # BLOCK_V above 64, down to 16 (or the entry's rows, if fewer).
 DEFAULT_CONFIGS = {
-    ("forward", "inverse_distance", 4): LaunchConfig(8, 1),
+    ("forward", "inverse_distance", 4): LaunchConfig(16, 2),
     ("forward", "direction", 4): LaunchConfig(8, 1),
     ("edge", "inverse_distance", 4): LaunchConfig(8, 1, edges_per_step=2),
     ("edge", "direction", 4): LaunchConfig(8, 1),
-    ("target", "inverse_distance", 4): LaunchConfig(16, 2, edges_per_step=2),
-    ("target", "direction", 4): LaunchConfig(8, 1, edges_per_step=2),
-    ("source", "inverse_distance", 4): LaunchConfig(8, 1),
-    ("source", "direction", 4): LaunchConfig(8, 2),
+    ("target", "inverse_distance", 4): LaunchConfig(8, 1, edges_per_step=2),
+    ("target", "direction", 4): LaunchConfig(16, 2, edges_per_step=2),
+    ("source", "inverse_distance", 4): LaunchConfig(8, 1, edges_per_step=2),
+    ("source", "direction", 4): LaunchConfig(8, 1, edges_per_step=2),
     **{(kernel, payload, 8): LaunchConfig(16, 8) for kernel in KERNELS for payload in PAYLOAD_WIDTH},
 }
 
