@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_attention import build_case, make_problem
+from benchmarks.bench_attention import CUTOFF, OUR_INPUTS, build_case, make_problem
 from benchmarks.common import environment, synchronize
 from e2former_calc.kernels import neighbor_attention as attention
 
@@ -54,9 +54,12 @@ def pieces(problem: dict, payload: str) -> dict:
     """{name: callable} of the parts of one forward + backward of our op."""
     design = {"inverse_distance": "ours_inv", "direction": "ours_dir"}[payload]
     forward, inputs, _ = build_case(design, problem)
-    names = ["query", "key", "value", "edge_vector", "logit_scale", "logit_bias", "value_weight"]
-    packed = attention.attention_inputs(*(problem[n] for n in names), problem["row_ptr"], problem["source_index"],
-                                        5.0, payload, 1e-3)
+
+    def pack():  # what NeighborAttentionFunction.forward does first (default sink, as in bench_attention)
+        return attention.attention_inputs(*(problem[n] for n in OUR_INPUTS), problem["row_ptr"],
+                                          problem["source_index"], CUTOFF, payload, 1e-3)
+
+    packed = pack()
     transpose = attention.transpose_neighbors(problem["row_ptr"], problem["source_index"])
     out, lse = attention.launch_forward(packed)
     grad_out = torch.ones_like(out)
@@ -80,8 +83,7 @@ def pieces(problem: dict, payload: str) -> dict:
     return {
         "forward (no grad)": forward,
         "forward + backward (autograd.grad, 7 inputs)": with_grad(forward_backward),
-        "  attention_inputs (pack)": lambda: attention.attention_inputs(
-            *(problem[n] for n in names), problem["row_ptr"], problem["source_index"], 5.0, payload, 1e-3),
+        "  attention_inputs (pack)": pack,
         "  launch_forward": lambda: attention.launch_forward(packed),
         "  launch_backward_edges (with delta)": lambda: attention.launch_backward_edges(
             packed, transpose, out, lse, grad_out),
