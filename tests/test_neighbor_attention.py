@@ -245,6 +245,9 @@ def test_config_environment_override_reaches_the_launch(monkeypatch):
     monkeypatch.setenv(CONFIG_ENV, "edge=32x2x4")  # the edge kernel: 4 tiles of 32 (edge, head) rows per program
     grid, meta = _launch_config("edge", 100, 4, 8, 8, "direction", torch.float32)
     assert (meta["BLOCK_R"], meta["EDGES_PER_STEP"]) == (32, 4) and grid == (4,)
+    monkeypatch.delenv(CONFIG_ENV)  # the lookup is cached: the same shape must not keep the override
+    _, meta = _launch_config("source", 100, 4, 8, 8, "direction", torch.float32)
+    assert (meta["BLOCK_R"], meta["num_warps"], meta["EDGES_PER_STEP"]) == _default_config("source", "direction", 8, 4)
 
 
 # ----------------------------------------------------------------------------- kernel (interpreter)
