@@ -34,9 +34,13 @@ Models:
   esen_sm                fairchem-core eSCNMDBackbone with UMA-S's backbone (K4L2: 128 sphere
                          channels, lmax = mmax = 2, 4 layers, 64 Gaussians, 6 Å) and no experts:
                          eSEN-sm, and UMA-S's per-structure compute once its experts are merged
+  equiformer_v2          fairchem-core 1.10 EquiformerV2 with its 31M OC20 hyper-parameters (8 layers, 128
+                         sphere channels, lmax 4, mmax 2, 8 heads, grid 18), 6 Å; direct forces only
 MACE (it pins e3nn 0.4.4, which our tests cannot use) and fairchem run in subprocesses of this
 script (--peer), with their wheels' install folders put first on PYTHONPATH, before this process
-touches the GPU, so each has the whole device.
+touches the GPU, so each has the whole device. EquiformerV2 left fairchem-core in 2.0, so it runs
+from a 1.10 install (--equiformer-site, its wheel installed without its pins on torch and numpy)
+with benchmarks/peer_shims first on the path (a torch_scatter stand-in, see there).
 
     python -m benchmarks.bench_throughput --out throughput.json            # GPU, ~8 minutes
     python -m benchmarks.bench_throughput --smoke --no-peers               # CPU check, tiny N
@@ -94,23 +98,23 @@ BUDGETS_S = {
     ("mace", "conservative"): 50,
     ("esen_sm", "direct"): 30,
     ("esen_sm", "conservative"): 30,
+    ("equiformer_v2", "direct"): 30,
 }
 OUR_MODELS = ("e2former_paper", "e2former_water_small", "e2former_paper_naive", "e2former_paper_recompute",
               "e2former_water_small_recompute", "e2former_paper_graph", "e2former_water_small_graph")
 GRAPH_MAX_ATOMS = 10_000  # above this a step is long enough that launches no longer matter
-PEERS = ("mace", "esen_sm")
+PEERS = ("mace", "esen_sm", "equiformer_v2")
+PEER_SHIMS = Path(__file__).resolve().parent / "peer_shims"
 PEER_STARTUP_S = 45  # imports, model build and neighbour lists of a peer subprocess, on top of its budgets
 NOT_RUN = {
     **{(name, "direct"): "recomputation only changes the backward pass, which direct mode does not run"
        for name in ("e2former_paper_recompute", "e2former_water_small_recompute")},
     ("mace", "direct"): "MACE has no direct-force head (forces are -dE/dr only)",
-    ("equiformer_v2", "direct"): (
-        "EquiformerV2 is not in fairchem-core 2.x (removed); fairchem-core 1.x, which has it, pins "
-        "torch~=2.4 and numpy<2 and requires pymatgen, pydantic and torch-geometric: not carried"
-    ),
+    ("equiformer_v2", "conservative"): "EquiformerV2 predicts forces with its direct head (as trained and published)",
     ("mace_cueq", "conservative"): (
         "cuEquivariance not carried: the CUDA-13 wheels (cuequivariance-ops-cu13 0.13.0, 45.0 MB, and "
-        "cuequivariance-ops-torch-cu13 0.13.0, 28.5 MB) are 74 MB, over the device call's wheel budget"
+        "cuequivariance-ops-torch-cu13 0.13.0, 28.5 MB) are 74 MB, over one device call's 64 MiB; they have to "
+        "travel in two calls back to back on a warm machine, which no run has done yet"
     ),
 }
 
@@ -373,6 +377,55 @@ def esen_contenders(modes, device, budget_scale) -> tuple[list[Contender], dict]
     return contenders, info
 
 
+def equiformer_contenders(device, budget_scale) -> tuple[list[Contender], dict]:
+    """fairchem-core 1.x EquiformerV2 with the hyper-parameters of its 31M OC20 model, direct forces.
+
+    Random weights, float32, eval mode (no dropout), our graph given (otf_graph off, no periodic
+    images), its cutoff set to ours. Inputs are a torch_geometric Batch, as fairchem 1.x expects.
+    """
+    from importlib.metadata import version
+
+    from fairchem.core.models.base import HydraModel
+    from torch_geometric.data import Batch, Data
+
+    module = "fairchem.core.models.equiformer_v2"
+    backbone = {
+        "model": f"{module}.equiformer_v2.EquiformerV2Backbone", "use_pbc": False, "otf_graph": False,
+        "regress_forces": True, "max_radius": CUTOFF, "max_neighbors": 500, "max_num_elements": 90,
+        "num_layers": 8, "sphere_channels": 128, "attn_hidden_channels": 64, "num_heads": 8,
+        "attn_alpha_channels": 64, "attn_value_channels": 16, "ffn_hidden_channels": 128,
+        "norm_type": "layer_norm_sh", "lmax_list": [4], "mmax_list": [2], "grid_resolution": 18,
+        "num_sphere_samples": 128, "edge_channels": 128, "use_atom_edge_embedding": True,
+        "distance_function": "gaussian", "num_distance_basis": 512, "attn_activation": "silu",
+        "use_s2_act_attn": False, "ffn_activation": "silu", "use_gate_act": False, "use_grid_mlp": True,
+        "alpha_drop": 0.0, "drop_path_rate": 0.0, "proj_drop": 0.0, "weight_init": "uniform",
+    }
+    heads = {"energy": {"module": f"{module}.heads.EqV2ScalarHead"},
+             "forces": {"module": f"{module}.heads.EqV2VectorHead"}}
+    torch.manual_seed(0)
+    model = HydraModel(backbone=backbone, heads=heads, otf_graph=False).to(device).eval()
+    info = {"equiformer_v2": {"fairchem-core": version("fairchem-core"), "backbone": backbone,
+                              "parameters": {"direct": sum(p.numel() for p in model.parameters())}}}
+
+    def make_step(graph):
+        n, e = graph.num_atoms, graph.num_edges
+        batch = Batch.from_data_list([Data(
+            pos=graph.positions.clone(), atomic_numbers=torch.full((n,), 6, device=device),
+            natoms=torch.tensor([n], device=device),
+            edge_index=torch.stack([graph.source_index, graph.target_index]),  # source, target
+            cell=torch.zeros(1, 3, 3, device=device), cell_offsets=torch.zeros(e, 3, device=device),
+            neighbors=torch.tensor([e], device=device),
+        )])
+
+        def step():
+            with torch.no_grad():
+                return model(batch)["forces"]["forces"]
+        return step
+
+    budget = budget_scale * BUDGETS_S[("equiformer_v2", "direct")]
+    return [Contender("equiformer_v2", "direct", make_step, budget)], info
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -545,8 +598,10 @@ def peer_main(args) -> None:
             graphs[args.sizes[0]] = build_graph([first], CUTOFF, device=device)
             mean_neighbors = graphs[args.sizes[0]].num_edges / len(first)
             contenders, info = mace_contenders(device, args.budget_scale, mean_neighbors)
-        else:
+        elif args.peer == "esen_sm":
             contenders, info = esen_contenders(args.modes, device, args.budget_scale)
+        else:
+            contenders, info = equiformer_contenders(device, args.budget_scale)
         results.data["models"] = info
         results.save()
     except Exception as error:  # the parent records why this peer did not run
@@ -583,7 +638,9 @@ def run_peer(peer: str, args, site: str, modes, timeout_s: float) -> tuple[list[
                    "--sizes", *map(str, args.sizes), "--modes", *modes, "--budget-scale", str(args.budget_scale),
                    "--deadline-s", str(timeout_s - 5), "--max-warmup", str(args.max_warmup),
                    "--max-repeats", str(args.max_repeats)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [site, str(ROOT), os.environ.get("PYTHONPATH")]))}
+        shims = str(PEER_SHIMS) if peer == "equiformer_v2" else None
+        path = [shims, site, str(ROOT), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
         if peer == "mace":
             env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # e3nn 0.4.4 loads its constants with a plain torch.load
         print(f"\n--- {peer} (subprocess, PYTHONPATH={site} first, at most {timeout_s:.0f} s)", flush=True)
@@ -621,6 +678,8 @@ def parse_args(argv=None):
                         help="wall seconds from start after which no case starts (default 480, smoke 1800)")
     parser.add_argument("--mace-site", default="/tmp/site_mace", help="folder with mace-torch and e3nn 0.4.4 installed")
     parser.add_argument("--fairchem-site", default="/tmp/site_fairchem", help="folder with fairchem-core installed")
+    parser.add_argument("--equiformer-site", default="/tmp/site_equiformer",
+                        help="folder with fairchem-core 1.x (EquiformerV2) installed")
     parser.add_argument("--no-peers", action="store_true", help="only our models")
     parser.add_argument("--chunk-atoms", type=int, help="target atoms per chunk of our models' chunked evaluation "
                         "(direct mode, and conservative with recomputation; default 16384)")
@@ -649,8 +708,9 @@ def main(argv=None) -> None:
         peer_main(args)
         return
     deadline = started + args.deadline_s
-    peer_modes = {"mace": ["conservative"], "esen_sm": args.modes}
-    sites = {"mace": args.mace_site, "esen_sm": args.fairchem_site}
+    peer_modes = {"mace": ["conservative"], "esen_sm": args.modes,
+                  "equiformer_v2": [mode for mode in args.modes if mode == "direct"]}
+    sites = {"mace": args.mace_site, "esen_sm": args.fairchem_site, "equiformer_v2": args.equiformer_site}
     data = {
         "what": "throughput and peak GPU memory vs system size (issue 7); see benchmarks/bench_throughput.py",
         "protocol": {
@@ -670,7 +730,7 @@ def main(argv=None) -> None:
         data["not_run"].extend({"model": model, "mode": mode, "reason": reason} for (model, mode), reason in NOT_RUN.items())
 
     # Peers first, before this process creates a CUDA context, so each has the whole GPU.
-    for peer in [p for p in PEERS if p in args.models and not args.no_peers]:
+    for peer in [p for p in PEERS if p in args.models and peer_modes[p] and not args.no_peers]:
         budget = sum(args.budget_scale * BUDGETS_S[(peer, mode)] for mode in peer_modes[peer])
         timeout = min(budget + PEER_STARTUP_S, deadline - time.monotonic())
         rows, info, reason = run_peer(peer, args, sites[peer], peer_modes[peer], timeout)
