@@ -1,7 +1,21 @@
 """Fixtures shared by several test modules."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def load_file(relative_path: str, name: str):
+    """The Python file at `relative_path` (from the repository root) imported as module `name`:
+    scripts and stand-ins that are not part of an installed package."""
+    spec = importlib.util.spec_from_file_location(name, REPOSITORY / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")

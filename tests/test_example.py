@@ -1,23 +1,17 @@
 """examples/water_nvt.py: a run done in chunks (stopped by --max-minutes and resumed) is the run
 done in one go, with ASE's rigid TIP3P as a fast stand-in for the model."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from ase.io import read
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "water_nvt.py"
+from conftest import load_file
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("water_nvt", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("examples/water_nvt.py", "water_nvt")
 
 
 def arguments(output, *extra):

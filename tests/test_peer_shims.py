@@ -1,20 +1,13 @@
 """The torch_scatter stand-in that bench_throughput's EquiformerV2 peer imports (benchmarks/peer_shims)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-
-SHIM = Path(__file__).resolve().parent.parent / "benchmarks" / "peer_shims" / "torch_scatter" / "__init__.py"
+from conftest import load_file
 
 
 @pytest.fixture(scope="module")
 def torch_scatter():
-    spec = importlib.util.spec_from_file_location("torch_scatter_shim", SHIM)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("benchmarks/peer_shims/torch_scatter/__init__.py", "torch_scatter_shim")
 
 
 def test_scatter_matches_index_add_and_its_reductions(torch_scatter):
