@@ -432,8 +432,8 @@ CONFIG_ENV = "E2FORMER_ATTENTION_CONFIG"
 # flight hide the latency of the gathers. Each entry is the one whose slowest shape is closest to that
 # shape's fastest configuration. Retimed after H, D and V became compile-time constants (seven
 # configurations, four shapes; kernel_configs_constexpr_sweep_h200.json): source 8x1x2 (within 4% of the
-# fastest on every shape), d query 16x2x2 for the direction (within 10%), forward 8x1 (the paper and
-# water MD shapes' fastest; +19% on water_small), edge 8x1 (within 6%). Inverse distance: the
+# fastest on every shape), d query 16x2x2 for the direction (within 10%), forward 8x1 (the benchmark and
+# paper shapes' fastest; +4% on water MD, +19% on water_small), edge 8x1 (within 6%). Inverse distance: the
 # benchmark shape only. Float64 keeps "16x8" (16 rows, 8 warps), which compiled for every tested shape
 # spilling at most ~100 bytes (direction): untimed, and the fallback. Rows halve for every doubling of
 # BLOCK_V above 64, down to 16 (or the entry's rows, if fewer).
