@@ -31,6 +31,9 @@ Models:
                          bound by kernel launches
   mace                   mace-torch 0.3.16 ScaleShiftMACE, e3nn backend: 128x0e+128x1o,
                          max_ell 3, correlation 3, 2 interactions, 6 Å; conservative only
+  mace_cueq              the same MACE (same weights) converted to cuEquivariance 0.13 kernels by
+                         mace's own run_e3nn_to_cueq, as MACECalculator(enable_cueq=True) does;
+                         its forces are checked against the e3nn model's before timing
   esen_sm                fairchem-core eSCNMDBackbone with UMA-S's backbone (K4L2: 128 sphere
                          channels, lmax = mmax = 2, 4 layers, 64 Gaussians, 6 Å) and no experts:
                          eSEN-sm, and UMA-S's per-structure compute once its experts are merged
@@ -96,6 +99,7 @@ BUDGETS_S = {
     ("e2former_water_small_graph", "direct"): 15,
     ("e2former_water_small_graph", "conservative"): 15,
     ("mace", "conservative"): 50,
+    ("mace_cueq", "conservative"): 40,
     ("esen_sm", "direct"): 30,
     ("esen_sm", "conservative"): 30,
     ("equiformer_v2", "direct"): 30,
@@ -103,7 +107,7 @@ BUDGETS_S = {
 OUR_MODELS = ("e2former_paper", "e2former_water_small", "e2former_paper_naive", "e2former_paper_recompute",
               "e2former_water_small_recompute", "e2former_paper_graph", "e2former_water_small_graph")
 GRAPH_MAX_ATOMS = 10_000  # above this a step is long enough that launches no longer matter
-PEERS = ("mace", "esen_sm", "equiformer_v2")
+PEERS = ("mace", "mace_cueq", "esen_sm", "equiformer_v2")
 PEER_SHIMS = Path(__file__).resolve().parent / "peer_shims"
 PEER_STARTUP_S = 45  # imports, model build and neighbour lists of a peer subprocess, on top of its budgets
 NOT_RUN = {
@@ -111,11 +115,6 @@ NOT_RUN = {
        for name in ("e2former_paper_recompute", "e2former_water_small_recompute")},
     ("mace", "direct"): "MACE has no direct-force head (forces are -dE/dr only)",
     ("equiformer_v2", "conservative"): "EquiformerV2 predicts forces with its direct head (as trained and published)",
-    ("mace_cueq", "conservative"): (
-        "cuEquivariance not carried: the CUDA-13 wheels (cuequivariance-ops-cu13 0.13.0, 45.0 MB, and "
-        "cuequivariance-ops-torch-cu13 0.13.0, 28.5 MB) are 74 MB, over one device call's 64 MiB; they have to "
-        "travel in two calls back to back on a warm machine, which no run has done yet"
-    ),
 }
 
 
@@ -270,19 +269,39 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
     return contenders, info
 
 
-def mace_contenders(device, budget_scale, mean_neighbors) -> tuple[list[Contender], dict]:
+def mace_batch(graph: AtomicGraph, device: torch.device) -> dict:
+    """MACE's input dictionary for one carbon structure without periodic images."""
+    num_atoms, num_edges = graph.num_atoms, graph.num_edges
+    return {
+        "positions": graph.positions.clone(),
+        "node_attrs": torch.ones(num_atoms, 1, device=device),
+        "edge_index": torch.stack([graph.source_index, graph.target_index]),  # sender, receiver
+        "shifts": torch.zeros(num_edges, 3, device=device),
+        "unit_shifts": torch.zeros(num_edges, 3, device=device),
+        "cell": torch.zeros(3, 3, device=device),
+        "batch": torch.zeros(num_atoms, dtype=torch.long, device=device),
+        "ptr": torch.tensor([0, num_atoms], device=device),
+    }
+
+
+def mace_contenders(device, budget_scale, first_graph: AtomicGraph, cueq: bool) -> tuple[list[Contender], dict]:
     """ScaleShiftMACE with mace_run_train's defaults for the parts the issue leaves open.
 
     Issue 7's model: hidden irreps 128x0e+128x1o, max_ell (spherical harmonics) 3, correlation 3,
     2 interactions, r_max 6 Å, carbon only. Defaults of mace_run_train --model=MACE: 8 Bessel
     functions, polynomial cutoff p = 5, RealAgnosticResidualInteractionBlock, MLP_irreps 16x0e,
-    radial MLP [64, 64, 64], SiLU gates. Float32.
+    radial MLP [64, 64, 64], SiLU gates. Float32. avg_num_neighbors comes from `first_graph`.
+
+    With `cueq` the e3nn model is converted by mace's run_e3nn_to_cueq (what MACECalculator does
+    with enable_cueq=True: same weights, ir_mul layout, all cuEquivariance kernels, fused
+    convolution on CUDA) and its forces on `first_graph` are compared with the e3nn model's.
     """
     import mace
     from e3nn import __version__ as e3nn_version
     from e3nn import o3
     from mace import modules
 
+    mean_neighbors = first_graph.num_edges / first_graph.num_atoms
     interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
     hyper = {"hidden_irreps": "128x0e+128x1o", "max_ell": 3, "correlation": 3, "num_interactions": 2,
              "r_max": CUTOFF, "num_bessel": 8, "num_polynomial_cutoff": 5, "MLP_irreps": "16x0e",
@@ -297,24 +316,31 @@ def mace_contenders(device, budget_scale, mean_neighbors) -> tuple[list[Contende
         correlation=3, gate=modules.gate_dict["silu"], radial_MLP=[64, 64, 64],
         atomic_inter_scale=1.0, atomic_inter_shift=0.0,
     ).to(device).eval()
-    info = {"mace": {"parameters": sum(p.numel() for p in model.parameters()), "hyperparameters": hyper,
-                     "mace-torch": mace.__version__, "e3nn": e3nn_version, "backend": "e3nn (no cuEquivariance)"}}
+    info = {"parameters": sum(p.numel() for p in model.parameters()), "hyperparameters": hyper,
+            "mace-torch": mace.__version__, "e3nn": e3nn_version, "backend": "e3nn (no cuEquivariance)"}
+    name = "mace"
+    if cueq:
+        import cuequivariance
+        from mace.cli.convert_e3nn_cueq import run as e3nn_to_cueq
+
+        name = "mace_cueq"
+        if device.type == "cuda":  # the CUDA kernels; without them cuequivariance_torch falls back to PyTorch
+            import cuequivariance_ops_torch  # noqa: F401
+        e3nn_forces = model(mace_batch(first_graph, device), training=False, compute_force=True)["forces"].detach()
+        model = e3nn_to_cueq(model, device=device.type).eval()
+        cueq_forces = model(mace_batch(first_graph, device), training=False, compute_force=True)["forces"].detach()
+        deviation = (cueq_forces - e3nn_forces).abs().max().item()
+        largest = e3nn_forces.abs().max().item()
+        info.update(backend=f"cuEquivariance {cuequivariance.__version__} (mace run_e3nn_to_cueq)",
+                    check=f"forces on {first_graph.num_atoms} atoms vs the e3nn model with the same weights: "
+                          f"max |dF| {deviation:.2e} eV/Å, max |F| {largest:.2e} eV/Å")
+        print(f"mace_cueq: {info['check']}", flush=True)
 
     def make_step(graph):
-        num_atoms, num_edges = graph.num_atoms, graph.num_edges
-        data = {
-            "positions": graph.positions.clone(),
-            "node_attrs": torch.ones(num_atoms, 1, device=device),
-            "edge_index": torch.stack([graph.source_index, graph.target_index]),  # sender, receiver
-            "shifts": torch.zeros(num_edges, 3, device=device),
-            "unit_shifts": torch.zeros(num_edges, 3, device=device),
-            "cell": torch.zeros(3, 3, device=device),
-            "batch": torch.zeros(num_atoms, dtype=torch.long, device=device),
-            "ptr": torch.tensor([0, num_atoms], device=device),
-        }
+        data = mace_batch(graph, device)
         return lambda: model(data, training=False, compute_force=True)["forces"]
 
-    return [Contender("mace", "conservative", make_step, budget_scale * BUDGETS_S[("mace", "conservative")])], info
+    return [Contender(name, "conservative", make_step, budget_scale * BUDGETS_S[(name, "conservative")])], {name: info}
 
 
 def esen_contenders(modes, device, budget_scale) -> tuple[list[Contender], dict]:
@@ -593,11 +619,10 @@ def peer_main(args) -> None:
     try:
         warm_up_neighbor_search(device)
         graphs = {}
-        if args.peer == "mace":
-            first = fcc_carbon(args.sizes[0])
-            graphs[args.sizes[0]] = build_graph([first], CUTOFF, device=device)
-            mean_neighbors = graphs[args.sizes[0]].num_edges / len(first)
-            contenders, info = mace_contenders(device, args.budget_scale, mean_neighbors)
+        if args.peer in ("mace", "mace_cueq"):
+            graphs[args.sizes[0]] = build_graph([fcc_carbon(args.sizes[0])], CUTOFF, device=device)
+            contenders, info = mace_contenders(device, args.budget_scale, graphs[args.sizes[0]],
+                                               cueq=args.peer == "mace_cueq")
         elif args.peer == "esen_sm":
             contenders, info = esen_contenders(args.modes, device, args.budget_scale)
         else:
@@ -626,10 +651,14 @@ def peer_main(args) -> None:
                                  "status": sweep.stopped[Sweep.key(contender)] or "skipped (time)"})
 
 
-def run_peer(peer: str, args, site: str, modes, timeout_s: float) -> tuple[list[dict], dict, str | None]:
-    """Run one peer in a subprocess; returns its rows, model info, and why it did not run (or None)."""
-    if not Path(site).is_dir():
-        return [], {}, f"its wheels are not installed at {site}"
+def run_peer(peer: str, args, sites: tuple[str, ...], modes, timeout_s: float) -> tuple[list[dict], dict, str | None]:
+    """Run one peer in a subprocess with `sites` (install folders) first on its path.
+
+    Returns its rows, model info, and why it did not run (or None).
+    """
+    missing = [site for site in sites if not Path(site).is_dir()]
+    if missing:
+        return [], {}, f"its wheels are not installed at {', '.join(missing)}"
     if timeout_s <= PEER_STARTUP_S / 2:
         return [], {}, "skipped (time)"
     with tempfile.TemporaryDirectory() as folder:
@@ -639,11 +668,11 @@ def run_peer(peer: str, args, site: str, modes, timeout_s: float) -> tuple[list[
                    "--deadline-s", str(timeout_s - 5), "--max-warmup", str(args.max_warmup),
                    "--max-repeats", str(args.max_repeats)]
         shims = str(PEER_SHIMS) if peer == "equiformer_v2" else None
-        path = [shims, site, str(ROOT), os.environ.get("PYTHONPATH")]
+        path = [shims, *sites, str(ROOT), os.environ.get("PYTHONPATH")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
-        if peer == "mace":
+        if peer.startswith("mace"):
             env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # e3nn 0.4.4 loads its constants with a plain torch.load
-        print(f"\n--- {peer} (subprocess, PYTHONPATH={site} first, at most {timeout_s:.0f} s)", flush=True)
+        print(f"\n--- {peer} (subprocess, PYTHONPATH={os.pathsep.join(sites)} first, at most {timeout_s:.0f} s)", flush=True)
         reason = None
         try:
             completed = subprocess.run(command, env=env, cwd=ROOT, timeout=timeout_s)
@@ -677,6 +706,8 @@ def parse_args(argv=None):
     parser.add_argument("--deadline-s", type=float,
                         help="wall seconds from start after which no case starts (default 480, smoke 1800)")
     parser.add_argument("--mace-site", default="/tmp/site_mace", help="folder with mace-torch and e3nn 0.4.4 installed")
+    parser.add_argument("--cueq-site", default="/tmp/site_cueq",
+                        help="folder with cuEquivariance 0.13 (CUDA 13) installed; mace_cueq puts it before --mace-site")
     parser.add_argument("--fairchem-site", default="/tmp/site_fairchem", help="folder with fairchem-core installed")
     parser.add_argument("--equiformer-site", default="/tmp/site_equiformer",
                         help="folder with fairchem-core 1.x (EquiformerV2) installed")
@@ -708,9 +739,11 @@ def main(argv=None) -> None:
         peer_main(args)
         return
     deadline = started + args.deadline_s
-    peer_modes = {"mace": ["conservative"], "esen_sm": args.modes,
+    mace_modes = [mode for mode in args.modes if mode == "conservative"]
+    peer_modes = {"mace": mace_modes, "mace_cueq": mace_modes, "esen_sm": args.modes,
                   "equiformer_v2": [mode for mode in args.modes if mode == "direct"]}
-    sites = {"mace": args.mace_site, "esen_sm": args.fairchem_site, "equiformer_v2": args.equiformer_site}
+    sites = {"mace": (args.mace_site,), "mace_cueq": (args.cueq_site, args.mace_site),
+             "esen_sm": (args.fairchem_site,), "equiformer_v2": (args.equiformer_site,)}
     data = {
         "what": "throughput and peak GPU memory vs system size (issue 7); see benchmarks/bench_throughput.py",
         "protocol": {
