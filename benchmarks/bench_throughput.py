@@ -430,6 +430,9 @@ def equiformer_contenders(device, budget_scale) -> tuple[list[Contender], dict]:
              "forces": {"module": f"{module}.heads.EqV2VectorHead"}}
     torch.manual_seed(0)
     model = HydraModel(backbone=backbone, heads=heads, otf_graph=False).to(device).eval()
+    # Its backbone's forward re-enables grad (fairchem's conditional_grad, as it has no direct_forces flag), so
+    # with trainable weights it would record the whole autograd graph (~1.9 MB per edge) even under no_grad.
+    model.requires_grad_(False)
     info = {"equiformer_v2": {"fairchem-core": version("fairchem-core"), "backbone": backbone,
                               "parameters": {"direct": sum(p.numel() for p in model.parameters())}}}
 
