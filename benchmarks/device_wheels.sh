@@ -32,7 +32,8 @@ download .carry/mace mace-torch==0.3.16 e3nn==0.4.4 torch-ema==0.3 prettytable m
 python3 -m pip wheel -q --no-deps -w .carry/mace python-hostlist  # published as a source archive only
 download .carry/fairchem fairchem-core==2.24.0 hydra-core omegaconf monty torchtnt backoff submitit "setuptools<81"
 python3 -m pip wheel -q --no-deps -w .carry/fairchem antlr4-python3-runtime==4.9.3  # omegaconf's; a source archive only
-download .carry/equiformer fairchem-core==1.10.0 lmdb
+download .carry/equiformer fairchem-core==1.10.0 lmdb pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection \
+    "typing-extensions>=4.16"
 rm -rf .carry/cueq .carry/cueq.tar.*
 download .carry/cueq cuequivariance==0.13.0 cuequivariance-torch==0.13.0 cuequivariance-ops-cu13==0.13.0 \
     cuequivariance-ops-torch-cu13==0.13.0 nvidia-ml-py platformdirs

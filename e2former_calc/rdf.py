@@ -290,7 +290,7 @@ def plot_rdf_curves(
     axes.set_xlim(0, max(rmax, 8.0) if experiment is not None else rmax)
     if title:
         axes.set_title(title)
-    axes.legend(frameon=False)
+    axes.legend(frameon=False, loc="upper right", fontsize="small")  # the right side is flat near g = 1
     figure.tight_layout()
     figure.savefig(path)
 
