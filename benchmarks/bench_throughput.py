@@ -29,6 +29,9 @@ Models:
                          (e2former_calc.cuda_graph.CapturedModel, as E2FormerCalculator(cuda_graph=True)
                          does in MD); CUDA only, and only up to GRAPH_MAX_ATOMS, where steps are
                          bound by kernel launches
+  e2former_*_tf32        matrix products on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 for the
+                         step only; everything else FP32); at each N the forces of one step are compared
+                         with the FP32 model's, recorded as force_deviation in the model's info
   mace                   mace-torch 0.3.16 ScaleShiftMACE, e3nn backend: 128x0e+128x1o,
                          max_ell 3, correlation 3, 2 interactions, 6 Å; conservative only
   mace_cueq              the same MACE (same weights) converted to cuEquivariance 0.13 kernels by
@@ -98,6 +101,10 @@ BUDGETS_S = {
     ("e2former_paper_graph", "conservative"): 15,
     ("e2former_water_small_graph", "direct"): 15,
     ("e2former_water_small_graph", "conservative"): 15,
+    ("e2former_paper_tf32", "direct"): 30,
+    ("e2former_paper_tf32", "conservative"): 30,
+    ("e2former_water_small_tf32", "direct"): 30,
+    ("e2former_water_small_tf32", "conservative"): 30,
     ("mace", "conservative"): 50,
     ("mace_cueq", "conservative"): 40,
     ("esen_sm", "direct"): 30,
@@ -105,7 +112,8 @@ BUDGETS_S = {
     ("equiformer_v2", "direct"): 30,
 }
 OUR_MODELS = ("e2former_paper", "e2former_water_small", "e2former_paper_naive", "e2former_paper_recompute",
-              "e2former_water_small_recompute", "e2former_paper_graph", "e2former_water_small_graph")
+              "e2former_water_small_recompute", "e2former_paper_graph", "e2former_water_small_graph",
+              "e2former_paper_tf32", "e2former_water_small_tf32")
 GRAPH_MAX_ATOMS = 10_000  # above this a step is long enough that launches no longer matter
 PEERS = ("mace", "mace_cueq", "esen_sm", "equiformer_v2")
 PEER_SHIMS = Path(__file__).resolve().parent / "peer_shims"
@@ -216,6 +224,17 @@ def reference_attention():
         e2former.neighbor_attention = fused
 
 
+@contextlib.contextmanager
+def tf32_matmuls():
+    """Let float32 matrix products use TF32 tensor cores (10-bit mantissa) inside the block."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def e2former_configs() -> dict:
     """Architecture of each of our models: the paper size, and the water preset at a 6 Å cutoff with C."""
     from e2former_calc.models.e2former import E2FormerConfig
@@ -229,6 +248,8 @@ def e2former_configs() -> dict:
         "e2former_water_small_recompute": E2FormerConfig.from_dict(water),
         "e2former_paper_graph": E2FormerConfig(cutoff=CUTOFF),
         "e2former_water_small_graph": E2FormerConfig.from_dict(water),
+        "e2former_paper_tf32": E2FormerConfig(cutoff=CUTOFF),
+        "e2former_water_small_tf32": E2FormerConfig.from_dict(water),
     }
 
 
@@ -242,7 +263,7 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
     for name, config in e2former_configs().items():
         if name not in names:
             continue
-        graphed, naive = name.endswith("_graph"), name.endswith("_naive")
+        graphed, naive, tf32 = name.endswith("_graph"), name.endswith("_naive"), name.endswith("_tf32")
         if graphed and device.type != "cuda":
             info[name] = {"not_run": "CUDA graphs need a CUDA device"}
             continue
@@ -253,20 +274,35 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
         info[name] = {"parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict(),
                       "chunk_atoms": model.chunk_atoms,
                       "attention": "PyTorch reference" if naive else "fused Triton kernel on CUDA"}
+        if tf32:
+            info[name]["force_deviation"] = {}
         for mode in modes:
             if (name, mode) in NOT_RUN:
                 continue
-            def make_step(graph, model=model, mode=mode, naive=naive, graphed=graphed):
+            def make_step(graph, model=model, mode=mode, naive=naive, graphed=graphed, name=name, tf32=tf32):
                 evaluate = CapturedModel(model) if graphed else model  # captured at the first (warm-up) step
                 def step():
-                    context = reference_attention() if naive else contextlib.nullcontext()
+                    context = reference_attention() if naive else tf32_matmuls() if tf32 else contextlib.nullcontext()
                     grad = torch.no_grad() if mode == "direct" else contextlib.nullcontext()
                     with context, grad:
                         return evaluate(graph, compute_forces=True, mode=mode)["forces"]
+                if tf32:
+                    info[name]["force_deviation"][f"{mode}/{graph.num_atoms}"] = tf32_force_deviation(
+                        step, model, graph, mode)
                 return step
             contenders.append(Contender(name, mode, make_step, budget_scale * BUDGETS_S[(name, mode)],
                                         GRAPH_MAX_ATOMS if graphed else None))
     return contenders, info
+
+
+def tf32_force_deviation(tf32_step, model, graph: AtomicGraph, mode: str) -> dict:
+    """Largest and mean |F_tf32 - F_fp32| (eV/Å) of one step, and the largest |F| for scale."""
+    grad = torch.no_grad() if mode == "direct" else contextlib.nullcontext()
+    with grad:
+        reference = model(graph, compute_forces=True, mode=mode)["forces"].detach()
+    difference = (tf32_step().detach() - reference).abs()
+    return {"max_abs_eV_per_A": difference.max().item(), "mean_abs_eV_per_A": difference.mean().item(),
+            "max_force_eV_per_A": reference.abs().max().item()}
 
 
 def mace_batch(graph: AtomicGraph, device: torch.device) -> dict:
