@@ -3,7 +3,7 @@
 PyTorch's FLOP formulas (torch.utils.flop_counter.flop_registry: mm, bmm, addmm, the products inside
 einsum, convolutions, attention) count the matrix products of one conservative step on the CPU, where our attention runs
 its PyTorch reference (the same products the fused GPU kernel computes); elementwise work is not
-counted. Counted on FCC carbon blocks of three sizes (bench_throughput's protocol: 6 Å cutoff, no
+counted. Ours: the paper size and the water preset at 6 Å (bench_throughput's e2former_configs). Counted on FCC carbon blocks of three sizes (bench_throughput's protocol: 6 Å cutoff, no
 pbc), the counts are fitted as a·N + b·E (N atoms, E edges) and extrapolated to the 10k-atom block
 (485,806 edges). Divided by the fastest step time that bench_throughput JSONs measured there
 (--throughput), it gives the rate each model reaches on the GPU, beside the FP32 peak (--peak-tflops).
@@ -30,10 +30,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from benchmarks.bench_throughput import CUTOFF, ROOT, fcc_carbon
+from benchmarks.bench_throughput import CUTOFF, ROOT, e2former_configs, fcc_carbon
 from e2former_calc.neighbors import build_graph
 
 COUNT_SIZES = (128, 384, 1000)
+OURS = ("e2former_paper", "e2former_water_small")  # bench_throughput's architectures
 TARGET = {"num_atoms": 10_000, "num_edges": 485_806}  # bench_throughput's 10k-atom block
 
 
@@ -65,7 +66,7 @@ def count_flops(step) -> int:
 
 
 def count_model(model: str) -> list[dict]:
-    """Counts of one conservative step of `model` ("e2former_paper" or "mace") at COUNT_SIZES."""
+    """Counts of one conservative step of `model` (one of OURS, or "mace") at COUNT_SIZES."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     rows = []
@@ -77,9 +78,9 @@ def count_model(model: str) -> list[dict]:
             (contender,), _ = mace_contenders(device, 1.0, graph, cueq=False)
             step = contender.make_step(graph)
         else:
-            from e2former_calc.models.e2former import E2FormerConfig, E2FormerV2
+            from e2former_calc.models.e2former import E2FormerV2
 
-            network = E2FormerV2(E2FormerConfig(cutoff=CUTOFF)).eval()
+            network = E2FormerV2(e2former_configs()[model]).eval()
             step = lambda: network(graph, compute_forces=True, mode="conservative")["forces"]  # noqa: E731
         rows.append({"num_atoms": graph.num_atoms, "num_edges": graph.num_edges, "flops": count_flops(step)})
         print(f"{model:16s} N={graph.num_atoms:6d} E={graph.num_edges:8d} {rows[-1]['flops'] / 1e9:10.2f} GFLOP",
@@ -113,13 +114,13 @@ def main(argv=None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=67.0,
                         help="the GPU's FP32 (non-tensor-core) peak, TFLOP/s (default: H100 SXM, 67)")
     parser.add_argument("--out", type=Path, default=Path("step_flops.json"))
-    parser.add_argument("--count", choices=("e2former_paper", "mace"), help=argparse.SUPPRESS)  # in a subprocess
+    parser.add_argument("--count", choices=("mace",), help=argparse.SUPPRESS)  # in a subprocess
     args = parser.parse_args(argv)
     if args.count:
         args.out.write_text(json.dumps(count_model(args.count)))
         return
 
-    counts = {"e2former_paper": count_model("e2former_paper")}
+    counts = {model: count_model(model) for model in OURS}
     if args.mace_site:
         counts_file = args.out.with_suffix(".mace.json")
         environment = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
               "count_sizes": COUNT_SIZES, "target": TARGET, "peak_tflops": args.peak_tflops, "models": {}}
     print(f"\n{'model':16s} {'FLOP/atom':>12s} {'FLOP/edge':>12s} {'misfit':>7s} {'GFLOP@10k':>10s} "
           f"{'step ms':>8s} {'TFLOP/s':>8s} {'of peak':>8s}")
-    timed = {"e2former_paper": ["e2former_paper"], "mace": ["mace", "mace_cueq"]}
+    timed = {**{model: [model] for model in OURS}, "mace": ["mace", "mace_cueq"]}
     for model, rows in counts.items():
         fitted = fit(rows)
         result["models"][model] = {"counts": rows, **fitted, "measured": {}}
