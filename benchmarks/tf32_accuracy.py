@@ -7,7 +7,7 @@ mm, bmm and addmm (biases excepted) is rounded to the nearest TF32 value (ties a
 the hardware's conversion does) before the float32 product, either in every product (what
 allow_tf32 does) or only where the inner dimension is at least 16: the network's linears, with the
 geometric products (edge vectors and 3x3 frames, inner dimension 3) left in float32. Each
-configuration's energy and forces are compared with the float32 model's.
+configuration's energy, forces and stress are compared with the float32 model's.
 
     python -m benchmarks.tf32_accuracy --out tf32_accuracy.json                 # CPU, emulated (both variants)
     python -m benchmarks.tf32_accuracy --device cuda --out tf32_accuracy.json   # real TF32
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ase import units
 from ase.io import read
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -59,20 +60,22 @@ class EmulatedTF32(TorchDispatchMode):
 
 
 def compare(atoms, calculator, tf32) -> dict:
-    """Energy (meV/atom) and force (meV/Å) differences on one configuration of the calculator's
-    results inside the context `tf32()` against those outside it."""
+    """Energy (meV/atom), force (meV/Å) and stress (MPa) differences on one configuration between
+    the calculator's results inside the context `tf32()` and outside it."""
     atoms = atoms.copy()
     atoms.calc = calculator
     calculator.reset()
-    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    energy, forces, stress = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
     calculator.reset()
     with tf32():
-        energy_tf32, forces_tf32 = atoms.get_potential_energy(), atoms.get_forces()
+        energy_tf32, forces_tf32, stress_tf32 = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
     difference = np.abs(forces_tf32 - forces) * 1e3
     return {"num_atoms": len(atoms), "energy_meV_per_atom": abs(energy_tf32 - energy) * 1e3 / len(atoms),
             "force_max_meV_per_A": float(difference.max()), "force_mae_meV_per_A": float(difference.mean()),
             "force_rms_meV_per_A": float(np.sqrt(np.mean(difference**2))),
-            "force_scale_rms_meV_per_A": float(np.sqrt(np.mean(forces**2)) * 1e3)}
+            "force_scale_rms_meV_per_A": float(np.sqrt(np.mean(forces**2)) * 1e3),
+            "stress_max_MPa": float(np.abs(stress_tf32 - stress).max() / units.GPa * 1e3),
+            "stress_scale_max_MPa": float(np.abs(stress).max() / units.GPa * 1e3)}
 
 
 def main(argv=None) -> None:
@@ -94,7 +97,8 @@ def main(argv=None) -> None:
     for row in rows:
         print(f"{row['variant']:55s} {row['num_atoms']:6d} atoms: |ΔE| {row['energy_meV_per_atom']:.4f} meV/atom, |ΔF| max "
               f"{row['force_max_meV_per_A']:.3f}, mean {row['force_mae_meV_per_A']:.4f}, rms {row['force_rms_meV_per_A']:.4f} "
-              f"meV/Å (rms |F| {row['force_scale_rms_meV_per_A']:.0f})")
+              f"meV/Å (rms |F| {row['force_scale_rms_meV_per_A']:.0f}); |Δσ| max {row['stress_max_MPa']:.2f} MPa "
+              f"(max |σ| {row['stress_scale_max_MPa']:.0f})")
     result = {"what": "TF32 against float32 matrix products, shipped water model (benchmarks/tf32_accuracy.py)",
               "model": args.model, "frames": args.frames, "environment": environment(), "rows": rows}
     args.out.write_text(json.dumps(result, indent=1))

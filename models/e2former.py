@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from e2former_calc.kernels.neighbor_attention import neighbor_attention
 from e2former_calc.kernels.neighbor_attention_reference import envelope
 from e2former_calc.models.eaas import EAASTensorProduct
-from e2former_calc.models.graph import AtomicGraph, TargetChunk
+from e2former_calc.models.graph import AtomicGraph, TargetChunk, geometric_matmul
 from e2former_calc.models.so3 import clebsch_gordan, spherical_harmonics_up_to
 
 VALUE_PATHS = ("moments", "eaas")
@@ -568,8 +568,9 @@ class E2FormerV2(nn.Module):
             if compute_stress:
                 strain = torch.zeros_like(cell, requires_grad=True)
                 symmetric = 0.5 * (strain + strain.transpose(1, 2))
-                positions = positions + torch.einsum("ni,nij->nj", positions, symmetric[graph.system_index])
-                cell = cell + cell @ symmetric
+                strain_of_atom = symmetric[graph.system_index]
+                positions = positions + geometric_matmul(positions.unsqueeze(1), strain_of_atom).squeeze(1)
+                cell = cell + geometric_matmul(cell, symmetric)
             edge_vector = graph.edge_vectors(positions, cell)
             features, species = self.node_features(graph, positions, edge_vector, create_graph)
             learned = self.config.energy_scale * self.energy_head(features[:, 0]).squeeze(-1)
