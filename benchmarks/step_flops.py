@@ -19,6 +19,7 @@ blocks, so its count is what the e3nn backend computes, an upper bound on what c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -38,8 +39,10 @@ OURS = ("e2former_paper", "e2former_water_small")  # bench_throughput's architec
 TARGET = {"num_atoms": 10_000, "num_edges": 485_806}  # bench_throughput's 10k-atom block
 
 
-class MatmulFlops(TorchDispatchMode):
-    """Sums PyTorch's FLOP formulas over the operators that run inside it, backward ones included.
+class StepWork(TorchDispatchMode):
+    """Over the operators that run inside it, backward ones included: the FLOPs of PyTorch's formulas
+    (matrix products) and the bytes of every operator's tensor operands and results, views excepted
+    (what an unfused execution reads and writes, each operator going through memory).
 
     FlopCounterMode itself also tracks modules with backward hooks, which autograd.grad (our forces)
     does not allow.
@@ -48,6 +51,7 @@ class MatmulFlops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.flops = 0
+        self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -55,48 +59,104 @@ class MatmulFlops(TorchDispatchMode):
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
+        if not func.is_view:
+            self.bytes += sum(tensor_bytes(x) for x in torch.utils._pytree.tree_leaves((args, kwargs, out)))
         return out
+
+
+def tensor_bytes(x) -> int:
+    return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
 
 
 def count_flops(step) -> int:
     """FLOPs of the matrix products in one call of `step`."""
-    with MatmulFlops() as counter:
+    with StepWork() as counter:
         step()
     return counter.flops
 
 
+@contextlib.contextmanager
+def recorded_attention_calls():
+    """Yields a list that collects the (args, kwargs) of each neighbour-attention call of E2FormerV2."""
+    from e2former_calc.models import e2former
+
+    attention, calls = e2former.neighbor_attention, []
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return attention(*args, **kwargs)
+
+    e2former.neighbor_attention = recording
+    try:
+        yield calls
+    finally:
+        e2former.neighbor_attention = attention
+
+
+def attention_work(calls) -> dict:
+    """Work of the recorded attention calls: what the PyTorch reference moves (forward and all input
+    gradients, run again on its own) and the least the fused kernel must: each call's tensor inputs
+    and output (plus a [N, H] log-sum-exp) in the forward; the inputs, output, log-sum-exp, output
+    gradient and the float inputs' gradients in the backward."""
+    from e2former_calc.kernels.neighbor_attention import neighbor_attention
+
+    reference = StepWork()
+    minimum = 0
+    for args, kwargs in calls:
+        leaves = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a for a in args]
+        float_inputs = [a for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+        with reference:
+            out = neighbor_attention(*leaves, **{**kwargs, "use_kernel": False})
+            torch.autograd.grad(out, float_inputs, torch.ones_like(out))
+        inputs = sum(tensor_bytes(a) for a in leaves)
+        lse = args[0].shape[0] * args[0].shape[1] * out.element_size()
+        minimum += (inputs + tensor_bytes(out) + lse) + (inputs + 2 * tensor_bytes(out) + lse
+                                                         + sum(tensor_bytes(a) for a in float_inputs))
+    return {"attention_reference_bytes": reference.bytes, "attention_minimum_bytes": minimum}
+
+
 def count_model(model: str) -> list[dict]:
-    """Counts of one conservative step of `model` (one of OURS, or "mace") at COUNT_SIZES."""
+    """Counts of one conservative step of `model` (one of OURS, or "mace") at COUNT_SIZES: FLOPs, and
+    for ours the bytes outside the attention and the attention's minimum bytes (see attention_work)."""
     torch.manual_seed(0)
     device = torch.device("cpu")
     rows = []
     for n in COUNT_SIZES:
         graph = build_graph([fcc_carbon(n)], CUTOFF, device=device)
+        work = StepWork()
         if model == "mace":
             from benchmarks.bench_throughput import mace_contenders
 
             (contender,), _ = mace_contenders(device, 1.0, graph, cueq=False)
-            step = contender.make_step(graph)
+            with work:
+                contender.make_step(graph)()
+            row = {"flops": work.flops}
         else:
             from e2former_calc.models.e2former import E2FormerV2
 
             network = E2FormerV2(e2former_configs()[model]).eval()
-            step = lambda: network(graph, compute_forces=True, mode="conservative")["forces"]  # noqa: E731
-        rows.append({"num_atoms": graph.num_atoms, "num_edges": graph.num_edges, "flops": count_flops(step)})
-        print(f"{model:16s} N={graph.num_atoms:6d} E={graph.num_edges:8d} {rows[-1]['flops'] / 1e9:10.2f} GFLOP",
-              flush=True)
+            network(graph, compute_forces=True, mode="conservative")  # the graph's cached index structures
+            with recorded_attention_calls() as calls, work:
+                network(graph, compute_forces=True, mode="conservative")
+            attention = attention_work(calls)
+            row = {"flops": work.flops, "bytes_outside_attention": work.bytes - attention["attention_reference_bytes"],
+                   "attention_minimum_bytes": attention["attention_minimum_bytes"]}
+        rows.append({"num_atoms": graph.num_atoms, "num_edges": graph.num_edges, **row})
+        print(f"{model:20s} N={graph.num_atoms:6d} E={graph.num_edges:8d} {row['flops'] / 1e9:9.2f} GFLOP"
+              + (f" {row['bytes_outside_attention'] / 1e9:8.2f} GB outside attention" if "bytes_outside_attention" in row
+                 else ""), flush=True)
     return rows
 
 
-def fit(rows: list[dict]) -> dict:
-    """Least-squares a (FLOP per atom) and b (FLOP per edge) of flops ≈ a·N + b·E, and the worst misfit."""
+def fit(rows: list[dict], quantity: str) -> dict:
+    """Least-squares per-atom and per-edge parts of `quantity` ≈ a·N + b·E, the worst relative
+    misfit, and the prediction at TARGET."""
     design = np.array([[r["num_atoms"], r["num_edges"]] for r in rows], dtype=float)
-    flops = np.array([r["flops"] for r in rows], dtype=float)
-    (per_atom, per_edge), *_ = np.linalg.lstsq(design, flops, rcond=None)
-    misfit = np.max(np.abs(design @ [per_atom, per_edge] / flops - 1))
-    predicted = per_atom * TARGET["num_atoms"] + per_edge * TARGET["num_edges"]
-    return {"flop_per_atom": per_atom, "flop_per_edge": per_edge, "worst_relative_misfit": misfit,
-            "gflop_at_10k": predicted / 1e9}
+    values = np.array([r[quantity] for r in rows], dtype=float)
+    (per_atom, per_edge), *_ = np.linalg.lstsq(design, values, rcond=None)
+    misfit = np.max(np.abs(design @ [per_atom, per_edge] / values - 1))
+    return {"per_atom": per_atom, "per_edge": per_edge, "worst_relative_misfit": misfit,
+            "at_10k": per_atom * TARGET["num_atoms"] + per_edge * TARGET["num_edges"]}
 
 
 def fastest_seconds(paths: list[Path], model: str) -> float | None:
@@ -113,6 +173,8 @@ def main(argv=None) -> None:
                         help="bench_throughput JSONs with 10k-atom conservative step times")
     parser.add_argument("--peak-tflops", type=float, default=67.0,
                         help="the GPU's FP32 (non-tensor-core) peak, TFLOP/s (default: H100 SXM, 67)")
+    parser.add_argument("--bandwidth", type=float, default=3.35,
+                        help="the GPU's memory bandwidth, TB/s (default: H100 SXM, 3.35)")
     parser.add_argument("--out", type=Path, default=Path("step_flops.json"))
     parser.add_argument("--count", choices=("mace",), help=argparse.SUPPRESS)  # in a subprocess
     args = parser.parse_args(argv)
@@ -130,21 +192,27 @@ def main(argv=None) -> None:
         counts["mace"] = json.loads(counts_file.read_text())
         counts_file.unlink()
 
-    result = {"what": "matrix-product FLOPs of one conservative step (benchmarks/step_flops.py)",
-              "count_sizes": COUNT_SIZES, "target": TARGET, "peak_tflops": args.peak_tflops, "models": {}}
-    print(f"\n{'model':16s} {'FLOP/atom':>12s} {'FLOP/edge':>12s} {'misfit':>7s} {'GFLOP@10k':>10s} "
-          f"{'step ms':>8s} {'TFLOP/s':>8s} {'of peak':>8s}")
+    result = {"what": "matrix-product FLOPs and unfused bytes of one conservative step (benchmarks/step_flops.py)",
+              "count_sizes": COUNT_SIZES, "target": TARGET, "peak_tflops": args.peak_tflops,
+              "bandwidth_tb_per_s": args.bandwidth, "models": {}}
+    print(f"\n{'model':20s} {'MFLOP/atom':>10s} {'kFLOP/edge':>10s} {'GFLOP@10k':>10s} {'step ms':>8s} {'TFLOP/s':>8s} "
+          f"{'of peak':>8s} {'GB@10k':>16s} {'ms at bandwidth':>16s}")
     timed = {**{model: [model] for model in OURS}, "mace": ["mace", "mace_cueq"]}
     for model, rows in counts.items():
-        fitted = fit(rows)
-        result["models"][model] = {"counts": rows, **fitted, "measured": {}}
+        fitted = {quantity: fit(rows, quantity) for quantity in rows[0] if quantity not in ("num_atoms", "num_edges")}
+        result["models"][model] = {"counts": rows, "fits": fitted, "measured": {}}
+        flops = fitted["flops"]
+        traffic = ""
+        if "bytes_outside_attention" in fitted:  # ours: unfused bytes outside the attention + the kernel's minimum
+            outside, attention = fitted["bytes_outside_attention"]["at_10k"], fitted["attention_minimum_bytes"]["at_10k"]
+            traffic = f"{outside / 1e9:7.1f} + {attention / 1e9:6.1f} {(outside + attention) / args.bandwidth / 1e9:16.1f}"
         for timed_model in timed[model]:
             seconds = fastest_seconds(args.throughput, timed_model)
-            rate = fitted["gflop_at_10k"] / 1e3 / seconds if seconds else None
+            rate = flops["at_10k"] / 1e12 / seconds if seconds else None
             result["models"][model]["measured"][timed_model] = {"seconds_per_step": seconds, "tflops": rate}
-            print(f"{timed_model:16s} {fitted['flop_per_atom']:12.4g} {fitted['flop_per_edge']:12.4g} "
-                  f"{fitted['worst_relative_misfit']:7.1%} {fitted['gflop_at_10k']:10.1f} "
-                  + (f"{seconds * 1e3:8.1f} {rate:8.2f} {rate / args.peak_tflops:8.1%}" if seconds else "   (not timed)"))
+            measured = f"{seconds * 1e3:8.1f} {rate:8.2f} {rate / args.peak_tflops:8.1%}" if seconds else f"{'-':>8s} " * 3
+            print(f"{timed_model:20s} {flops['per_atom'] / 1e6:10.2f} {flops['per_edge'] / 1e3:10.1f} "
+                  f"{flops['at_10k'] / 1e9:10.1f} {measured} {traffic}")
     result["throughput_files"] = [str(path) for path in args.throughput]
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
