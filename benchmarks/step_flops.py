@@ -41,7 +41,7 @@ TARGET = {"num_atoms": 10_000, "num_edges": 485_806}  # bench_throughput's 10k-a
 
 class StepWork(TorchDispatchMode):
     """Over the operators that run inside it, backward ones included: the FLOPs of PyTorch's formulas
-    (matrix products) and the bytes of every operator's tensor operands and results, views excepted
+    (matrix products) and the bytes of every operator's tensor operands and results, views (aliases) excepted
     (what an unfused execution reads and writes, each operator going through memory).
 
     FlopCounterMode itself also tracks modules with backward hooks, which autograd.grad (our forces)
@@ -59,7 +59,7 @@ class StepWork(TorchDispatchMode):
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.flops += formula(*args, **kwargs, out_val=out)
-        if not func.is_view:
+        if not func.is_view and func._overloadpacket is not torch.ops.aten._unsafe_view:  # an alias too
             self.bytes += sum(tensor_bytes(x) for x in torch.utils._pytree.tree_leaves((args, kwargs, out)))
         return out
 
