@@ -30,8 +30,11 @@ Models:
                          does in MD); CUDA only, and only up to GRAPH_MAX_ATOMS, where steps are
                          bound by kernel launches
   e2former_*_tf32        matrix products on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 for the
-                         step only; everything else FP32); at each N the forces of one step are compared
-                         with the FP32 model's, recorded as force_deviation in the model's info
+                         step only; everything else FP32)
+  e2former_*_compiled    the per-atom elementwise chains (each block's two norms and gated FFN, and the final
+                         norm) compiled by torch.compile, which fuses them; compiled at the first step of each N
+  (for *_tf32 and *_compiled, the forces of one step at each N are compared with the plain model's and
+   recorded as force_deviation in the model's info)
   mace                   mace-torch 0.3.16 ScaleShiftMACE, e3nn backend: 128x0e+128x1o,
                          max_ell 3, correlation 3, 2 interactions, 6 Å; conservative only
   mace_cueq              the same MACE (same weights) converted to cuEquivariance 0.13 kernels by
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import importlib.machinery
 import json
@@ -105,6 +109,10 @@ BUDGETS_S = {
     ("e2former_paper_tf32", "conservative"): 30,
     ("e2former_water_small_tf32", "direct"): 30,
     ("e2former_water_small_tf32", "conservative"): 30,
+    ("e2former_paper_compiled", "direct"): 60,
+    ("e2former_paper_compiled", "conservative"): 60,
+    ("e2former_water_small_compiled", "direct"): 60,
+    ("e2former_water_small_compiled", "conservative"): 60,
     ("mace", "conservative"): 50,
     ("mace_cueq", "conservative"): 40,
     ("esen_sm", "direct"): 30,
@@ -113,7 +121,8 @@ BUDGETS_S = {
 }
 OUR_MODELS = ("e2former_paper", "e2former_water_small", "e2former_paper_naive", "e2former_paper_recompute",
               "e2former_water_small_recompute", "e2former_paper_graph", "e2former_water_small_graph",
-              "e2former_paper_tf32", "e2former_water_small_tf32")
+              "e2former_paper_tf32", "e2former_water_small_tf32", "e2former_paper_compiled",
+              "e2former_water_small_compiled")
 GRAPH_MAX_ATOMS = 10_000  # above this a step is long enough that launches no longer matter
 PEERS = ("mace", "mace_cueq", "esen_sm", "equiformer_v2")
 PEER_SHIMS = Path(__file__).resolve().parent / "peer_shims"
@@ -250,6 +259,8 @@ def e2former_configs() -> dict:
         "e2former_water_small_graph": E2FormerConfig.from_dict(water),
         "e2former_paper_tf32": E2FormerConfig(cutoff=CUTOFF),
         "e2former_water_small_tf32": E2FormerConfig.from_dict(water),
+        "e2former_paper_compiled": E2FormerConfig(cutoff=CUTOFF),
+        "e2former_water_small_compiled": E2FormerConfig.from_dict(water),
     }
 
 
@@ -264,6 +275,7 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
         if name not in names:
             continue
         graphed, naive, tf32 = name.endswith("_graph"), name.endswith("_naive"), name.endswith("_tf32")
+        compiled = name.endswith("_compiled")
         if graphed and device.type != "cuda":
             info[name] = {"not_run": "CUDA graphs need a CUDA device"}
             continue
@@ -274,33 +286,43 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
         info[name] = {"parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict(),
                       "chunk_atoms": model.chunk_atoms,
                       "attention": "PyTorch reference" if naive else "fused Triton kernel on CUDA"}
-        if tf32:
+        evaluated = compile_per_atom_chains(copy.deepcopy(model)) if compiled else model
+        if tf32 or compiled:
             info[name]["force_deviation"] = {}
         for mode in modes:
             if (name, mode) in NOT_RUN:
                 continue
-            def make_step(graph, model=model, mode=mode, naive=naive, graphed=graphed, name=name, tf32=tf32):
-                evaluate = CapturedModel(model) if graphed else model  # captured at the first (warm-up) step
+            def make_step(graph, model=model, evaluated=evaluated, mode=mode, naive=naive, graphed=graphed, name=name,
+                          tf32=tf32, compared=tf32 or compiled):
+                evaluate = CapturedModel(evaluated) if graphed else evaluated  # captured at the first (warm-up) step
                 def step():
                     context = reference_attention() if naive else tf32_matmuls() if tf32 else contextlib.nullcontext()
                     grad = torch.no_grad() if mode == "direct" else contextlib.nullcontext()
                     with context, grad:
                         return evaluate(graph, compute_forces=True, mode=mode)["forces"]
-                if tf32:
-                    info[name]["force_deviation"][f"{mode}/{graph.num_atoms}"] = tf32_force_deviation(
-                        step, model, graph, mode)
+                if compared:
+                    info[name]["force_deviation"][f"{mode}/{graph.num_atoms}"] = force_deviation(step, model, graph, mode)
                 return step
             contenders.append(Contender(name, mode, make_step, budget_scale * BUDGETS_S[(name, mode)],
                                         GRAPH_MAX_ATOMS if graphed else None))
     return contenders, info
 
 
-def tf32_force_deviation(tf32_step, model, graph: AtomicGraph, mode: str) -> dict:
-    """Largest and mean |F_tf32 - F_fp32| (eV/Å) of one step, and the largest |F| for scale."""
+def compile_per_atom_chains(model):
+    """`model` with its norms and gated FFNs compiled (torch.compile: their elementwise chains fused)."""
+    for modules in (model.attention_norms, model.ffn_norms, model.ffns):
+        for index, module in enumerate(modules):
+            modules[index] = torch.compile(module)
+    model.final_norm = torch.compile(model.final_norm)
+    return model
+
+
+def force_deviation(step, model, graph: AtomicGraph, mode: str) -> dict:
+    """Largest and mean |F_step - F_model| (eV/Å) of one step against the plain model, and the largest |F|."""
     grad = torch.no_grad() if mode == "direct" else contextlib.nullcontext()
     with grad:
         reference = model(graph, compute_forces=True, mode=mode)["forces"].detach()
-    difference = (tf32_step().detach() - reference).abs()
+    difference = (step().detach() - reference).abs()
     return {"max_abs_eV_per_A": difference.max().item(), "mean_abs_eV_per_A": difference.mean().item(),
             "max_force_eV_per_A": reference.abs().max().item()}
 
