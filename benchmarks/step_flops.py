@@ -1,16 +1,22 @@
-"""Matrix-product work of one energy + forces step, ours beside MACE, against a measured step time.
+"""Arithmetic and memory traffic of one energy + forces step, ours beside MACE, against measured step times.
 
-PyTorch's FLOP formulas (torch.utils.flop_counter.flop_registry: mm, bmm, addmm, the products inside
-einsum, convolutions, attention) count the matrix products of one conservative step on the CPU, where our attention runs
-its PyTorch reference (the same products the fused GPU kernel computes); elementwise work is not
-counted. Ours: the paper size and the water preset at 6 Å (bench_throughput's e2former_configs). Counted on FCC carbon blocks of three sizes (bench_throughput's protocol: 6 Å cutoff, no
-pbc), the counts are fitted as a·N + b·E (N atoms, E edges) and extrapolated to the 10k-atom block
-(485,806 edges). Divided by the fastest step time that bench_throughput JSONs measured there
-(--throughput), it gives the rate each model reaches on the GPU, beside the FP32 peak (--peak-tflops).
+One conservative step (forward and force backward) runs on the CPU, where our attention runs its
+PyTorch reference, and StepWork counts (i) the FLOPs of its matrix products with PyTorch's formulas
+(torch.utils.flop_counter.flop_registry: mm, bmm, addmm, the products inside einsum; elementwise
+work is not counted) and (ii) for ours, the bytes every non-view operator reads and writes (the
+traffic of an unfused execution) outside the attention, to which the least the fused attention
+kernel must move is added (attention_work). Ours: the paper size and the water preset at 6 Å
+(bench_throughput's e2former_configs). Counted on FCC carbon blocks of three sizes
+(bench_throughput's protocol: 6 Å cutoff, no pbc), each quantity is fitted as a·N + b·E (N atoms,
+E edges) and extrapolated to the 10k-atom block (485,806 edges). Divided by the fastest step time
+bench_throughput JSONs measured there (--throughput), the FLOPs give the rate each model reaches on
+the GPU, beside its FP32 peak (--peak-tflops); the bytes over --bandwidth give the time an unfused
+step needs for its traffic alone.
 
-MACE (mace-torch with e3nn 0.4.4, as bench_throughput's peer) is counted in a subprocess with
---mace-site first on its path. e3nn's tensor products run as dense contractions with Clebsch–Gordan
-blocks, so its count is what the e3nn backend computes, an upper bound on what cuEquivariance must.
+MACE (mace-torch with e3nn 0.4.4, as bench_throughput's peer) is counted (FLOPs only) in a
+subprocess with --mace-site first on its path. e3nn's tensor products run as dense contractions
+with Clebsch–Gordan blocks, so its count is what the e3nn backend computes, an upper bound on what
+cuEquivariance must.
 
     python -m benchmarks.step_flops --mace-site /tmp/site_mace \\
         --throughput benchmarks/results/throughput_{all_peers_10k,mace_cueq_large}_h100.json --out step_flops.json
