@@ -71,14 +71,8 @@ class StepWork(TorchDispatchMode):
 
 
 def tensor_bytes(x) -> int:
+    """Bytes of the elements of `x` if it is a tensor, else 0."""
     return x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0
-
-
-def count_flops(step) -> int:
-    """FLOPs of the matrix products in one call of `step`."""
-    with StepWork() as counter:
-        step()
-    return counter.flops
 
 
 @contextlib.contextmanager
