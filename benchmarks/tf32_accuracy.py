@@ -5,8 +5,9 @@ accumulate in float32. On a GPU, `--device cuda` turns them on for the step
 (torch.backends.cuda.matmul.allow_tf32); on the CPU the same rounding is emulated: every factor of
 mm, bmm and addmm (biases excepted) is rounded to the nearest TF32 value (ties away from zero, as
 the hardware's conversion does) before the float32 product, either in every product (what
-allow_tf32 does) or only where the inner dimension is at least 16: the network's linears, with the
-geometric products (edge vectors and 3x3 frames, inner dimension 3) left in float32. Each
+allow_tf32 does) or only where the inner dimension is at least 16: the network's linears, the small
+products of irrep algebra left in float32. (The geometric products, cell shifts and strain, are
+elementwise sums since they were found here to dominate the error: models/graph.py.) Each
 configuration's energy, forces and stress are compared with the float32 model's.
 
     python -m benchmarks.tf32_accuracy --out tf32_accuracy.json                 # CPU, emulated (both variants)
