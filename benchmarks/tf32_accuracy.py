@@ -92,7 +92,7 @@ def main(argv=None) -> None:
         variants = {"every product (hardware, allow_tf32)": tf32_matmuls}
     else:
         variants = {"every product (emulated)": EmulatedTF32,
-                    "inner dimension >= 16 (emulated; geometry in float32)": lambda: EmulatedTF32(min_inner=16)}
+                    "inner dimension >= 16 (emulated; small products in float32)": lambda: EmulatedTF32(min_inner=16)}
     rows = [{"variant": name, **compare(atoms, calculator, tf32)}
             for atoms in read(args.frames, index=":") for name, tf32 in variants.items()]
     for row in rows:
