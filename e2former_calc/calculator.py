@@ -21,6 +21,7 @@ every result, is the same as with a search on every call, bit for bit in cells a
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -43,6 +44,15 @@ from e2former_calc.models.graph import AtomicGraph
 
 MODES = ("conservative", "direct")
 INFO_KEYS = ("charge", "spin")
+
+
+def reduced_matmul_precision(device: torch.device, dtype: torch.dtype) -> str | None:
+    """The reduced precision ("tf32", ...) that float32 matrix products on `device` are allowed to
+    use, or None when they run in full float32 (or on the CPU, or in float64)."""
+    if device.type != "cuda" or dtype != torch.float32:
+        return None
+    precision = torch.backends.cuda.matmul.fp32_precision  # reflects the legacy allow_tf32 flag too
+    return None if precision in ("none", "ieee") else precision
 
 
 def md_acceleration(device: str | torch.device, skin: float | None = None, cuda_graph: str = "auto") -> tuple[float, bool]:
@@ -123,6 +133,7 @@ class E2FormerCalculator(Calculator):
         self.config = self.model.config
         self.graph_builder = VerletGraphBuilder(self.config.cutoff, skin, self.dtype, self.device, spatial_sort)
         self.captured = None
+        self._warned_precision = False
         if cuda_graph:
             if self.device.type != "cuda":
                 raise ValueError(f"cuda_graph=True needs a CUDA device; this calculator runs on {self.device}")
@@ -184,6 +195,14 @@ class E2FormerCalculator(Calculator):
     ) -> list[dict]:
         """Results dicts of the systems packed in `graph` (system b's atom k is atoms[orders[b][k]]),
         evaluated by `evaluate` (the model, or its CapturedModel)."""
+        precision = reduced_matmul_precision(self.device, self.dtype)
+        if precision is not None and not self._warned_precision:
+            self._warned_precision = True
+            warnings.warn(
+                f"float32 matrix products run in {precision} (torch.backends.cuda.matmul.fp32_precision): the "
+                "network's linears lose precision, which moves the shipped water model's forces by ~3 meV/Å on average "
+                "(BENCHMARKS.md) and leaves them not exactly conservative; set "
+                "torch.backends.cuda.matmul.fp32_precision = 'ieee' for exact MD", stacklevel=3)
         needs_autograd = self.mode == "conservative" and (compute_forces or compute_stress)
         with torch.set_grad_enabled(needs_autograd):
             output = evaluate(graph, compute_forces=compute_forces, compute_stress=compute_stress, mode=self.mode)

@@ -1,5 +1,7 @@
 """E2FormerCalculator with small random-weight models in float64."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -354,3 +356,42 @@ def test_md_acceleration_defaults():
     assert md_acceleration("cpu", skin=0.0, cuda_graph="off") == (0.0, False)
     with pytest.raises(ValueError, match="cuda_graph"):
         md_acceleration("cpu", cuda_graph="yes")
+
+
+@pytest.mark.parametrize("enable", [
+    "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+    "torch.backends.cuda.matmul.allow_tf32 = True",
+    "torch.set_float32_matmul_precision('high')",
+])
+def test_reduced_matmul_precision_is_seen_whichever_way_it_was_set(enable):
+    """In a fresh interpreter each: mixing PyTorch's legacy and new precision flags leaves a process
+    where reading the legacy one raises, which must not leak into other tests."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from e2former_calc.calculator import reduced_matmul_precision
+cuda, cpu = torch.device("cuda"), torch.device("cpu")
+assert reduced_matmul_precision(cuda, torch.float32) is None
+{enable}
+assert reduced_matmul_precision(cuda, torch.float32) == "tf32"
+assert reduced_matmul_precision(cuda, torch.float64) is None  # float64 products never use TF32
+assert reduced_matmul_precision(cpu, torch.float32) is None
+"""
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_reduced_matmul_precision_is_warned_about_once(monkeypatch):
+    from e2former_calc import calculator as calculator_module
+
+    monkeypatch.setattr(calculator_module, "reduced_matmul_precision", lambda device, dtype: "tf32")
+    atoms = molecule("H2O")
+    atoms.calc = calculator()
+    with pytest.warns(UserWarning, match="float32 matrix products run in tf32"):
+        atoms.get_forces()
+    atoms.positions[0, 0] += 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        atoms.get_forces()  # once per calculator
