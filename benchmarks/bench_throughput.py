@@ -211,6 +211,18 @@ class Contender:
 
 
 @contextlib.contextmanager
+def attention_replaced(make_replacement):
+    """Inside the block E2FormerV2 calls make_replacement(attention) in place of its neighbour attention."""
+    from e2former_calc.models import e2former
+
+    attention = e2former.neighbor_attention
+    e2former.neighbor_attention = make_replacement(attention)
+    try:
+        yield
+    finally:
+        e2former.neighbor_attention = attention
+
+
 def reference_attention():
     """Run E2FormerV2's attention through the PyTorch reference (use_kernel=False) inside the block.
 
@@ -218,19 +230,10 @@ def reference_attention():
     benchmark cannot use create_graph (it would keep the double-backward graph), so the op the
     model module calls is swapped for one that forces the reference.
     """
-    from e2former_calc.models import e2former
+    def forcing_reference(attention):
+        return lambda *args, **kwargs: attention(*args, **{**kwargs, "use_kernel": False})
 
-    fused = e2former.neighbor_attention
-
-    def reference(*args, **kwargs):
-        kwargs["use_kernel"] = False
-        return fused(*args, **kwargs)
-
-    e2former.neighbor_attention = reference
-    try:
-        yield
-    finally:
-        e2former.neighbor_attention = fused
+    return attention_replaced(forcing_reference)
 
 
 @contextlib.contextmanager

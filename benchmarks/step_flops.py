@@ -37,7 +37,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from benchmarks.bench_throughput import CUTOFF, ROOT, e2former_configs, fcc_carbon
+from benchmarks.bench_throughput import CUTOFF, ROOT, attention_replaced, e2former_configs, fcc_carbon, mace_contenders
+from e2former_calc.kernels.neighbor_attention import neighbor_attention
+from e2former_calc.models.e2former import E2FormerV2
 from e2former_calc.neighbors import build_graph
 
 COUNT_SIZES = (128, 384, 1000)
@@ -78,19 +80,16 @@ def tensor_bytes(x) -> int:
 @contextlib.contextmanager
 def recorded_attention_calls():
     """Yields a list that collects the (args, kwargs) of each neighbour-attention call of E2FormerV2."""
-    from e2former_calc.models import e2former
+    calls = []
 
-    attention, calls = e2former.neighbor_attention, []
+    def recording(attention):
+        def record(*args, **kwargs):
+            calls.append((args, kwargs))
+            return attention(*args, **kwargs)
+        return record
 
-    def recording(*args, **kwargs):
-        calls.append((args, kwargs))
-        return attention(*args, **kwargs)
-
-    e2former.neighbor_attention = recording
-    try:
+    with attention_replaced(recording):
         yield calls
-    finally:
-        e2former.neighbor_attention = attention
 
 
 def attention_work(calls) -> dict:
@@ -98,8 +97,6 @@ def attention_work(calls) -> dict:
     gradients, run again on its own) and the least the fused kernel must: each call's tensor inputs
     and output (plus a [N, H] log-sum-exp) in the forward; the inputs, output, log-sum-exp, output
     gradient and the float inputs' gradients in the backward."""
-    from e2former_calc.kernels.neighbor_attention import neighbor_attention
-
     reference = StepWork()
     minimum = 0
     for args, kwargs in calls:
@@ -125,15 +122,11 @@ def count_model(model: str) -> list[dict]:
         graph = build_graph([fcc_carbon(n)], CUTOFF, device=device)
         work = StepWork()
         if model == "mace":
-            from benchmarks.bench_throughput import mace_contenders
-
             (contender,), _ = mace_contenders(device, 1.0, graph, cueq=False)
             with work:
                 contender.make_step(graph)()
             row = {"flops": work.flops}
         else:
-            from e2former_calc.models.e2former import E2FormerV2
-
             network = E2FormerV2(e2former_configs()[model]).eval()
             network(graph, compute_forces=True, mode="conservative")  # the graph's cached index structures
             with recorded_attention_calls() as calls, work:

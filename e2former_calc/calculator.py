@@ -195,8 +195,8 @@ class E2FormerCalculator(Calculator):
     ) -> list[dict]:
         """Results dicts of the systems packed in `graph` (system b's atom k is atoms[orders[b][k]]),
         evaluated by `evaluate` (the model, or its CapturedModel)."""
-        precision = reduced_matmul_precision(self.device, self.dtype)
-        if precision is not None and not self._warned_precision:
+        precision = None if self._warned_precision else reduced_matmul_precision(self.device, self.dtype)
+        if precision is not None:
             self._warned_precision = True
             warnings.warn(
                 f"float32 matrix products run in {precision} (torch.backends.cuda.matmul.fp32_precision): the "
