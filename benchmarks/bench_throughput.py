@@ -31,8 +31,9 @@ Models:
                          bound by kernel launches
   e2former_*_tf32        matrix products on TF32 tensor cores (torch.backends.cuda.matmul.allow_tf32 for the
                          step only; everything else FP32)
-  e2former_*_compiled    the per-atom elementwise chains (each block's two norms and gated FFN, and the final
-                         norm) compiled by torch.compile, which fuses them; compiled at the first step of each N
+  e2former_*_compiled    each transformer block compiled by torch.compile around the attention kernel
+                         (E2FormerV2.compile_blocks: the per-atom and per-edge elementwise chains fused;
+                         dynamic shapes, compiled at the first step); *_compiled_graph also as a CUDA graph
   (for *_tf32 and *_compiled, the forces of one step at each N are compared with the plain model's and
    recorded as force_deviation in the model's info)
   mace                   mace-torch 0.3.16 ScaleShiftMACE, e3nn backend: 128x0e+128x1o,
@@ -113,6 +114,10 @@ BUDGETS_S = {
     ("e2former_paper_compiled", "conservative"): 60,
     ("e2former_water_small_compiled", "direct"): 60,
     ("e2former_water_small_compiled", "conservative"): 60,
+    ("e2former_paper_compiled_graph", "direct"): 30,
+    ("e2former_paper_compiled_graph", "conservative"): 30,
+    ("e2former_water_small_compiled_graph", "direct"): 30,
+    ("e2former_water_small_compiled_graph", "conservative"): 30,
     ("mace", "conservative"): 50,
     ("mace_cueq", "conservative"): 40,
     ("esen_sm", "direct"): 30,
@@ -122,7 +127,7 @@ BUDGETS_S = {
 OUR_MODELS = ("e2former_paper", "e2former_water_small", "e2former_paper_naive", "e2former_paper_recompute",
               "e2former_water_small_recompute", "e2former_paper_graph", "e2former_water_small_graph",
               "e2former_paper_tf32", "e2former_water_small_tf32", "e2former_paper_compiled",
-              "e2former_water_small_compiled")
+              "e2former_water_small_compiled", "e2former_paper_compiled_graph", "e2former_water_small_compiled_graph")
 GRAPH_MAX_ATOMS = 10_000  # above this a step is long enough that launches no longer matter
 PEERS = ("mace", "mace_cueq", "esen_sm", "equiformer_v2")
 PEER_SHIMS = Path(__file__).resolve().parent / "peer_shims"
@@ -264,6 +269,8 @@ def e2former_configs() -> dict:
         "e2former_water_small_tf32": E2FormerConfig.from_dict(water),
         "e2former_paper_compiled": E2FormerConfig(cutoff=CUTOFF),
         "e2former_water_small_compiled": E2FormerConfig.from_dict(water),
+        "e2former_paper_compiled_graph": E2FormerConfig(cutoff=CUTOFF),
+        "e2former_water_small_compiled_graph": E2FormerConfig.from_dict(water),
     }
 
 
@@ -278,7 +285,7 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
         if name not in names:
             continue
         graphed, naive, tf32 = name.endswith("_graph"), name.endswith("_naive"), name.endswith("_tf32")
-        compiled = name.endswith("_compiled")
+        compiled = "_compiled" in name
         if graphed and device.type != "cuda":
             info[name] = {"not_run": "CUDA graphs need a CUDA device"}
             continue
@@ -289,7 +296,7 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
         info[name] = {"parameters": sum(p.numel() for p in model.parameters()), "config": config.to_dict(),
                       "chunk_atoms": model.chunk_atoms,
                       "attention": "PyTorch reference" if naive else "fused Triton kernel on CUDA"}
-        evaluated = compile_per_atom_chains(copy.deepcopy(model)) if compiled else model
+        evaluated = copy.deepcopy(model).compile_blocks() if compiled else model
         if tf32 or compiled:
             info[name]["force_deviation"] = {}
         for mode in modes:
@@ -309,15 +316,6 @@ def e2former_contenders(names, modes, device, budget_scale, chunk_atoms=None) ->
             contenders.append(Contender(name, mode, make_step, budget_scale * BUDGETS_S[(name, mode)],
                                         GRAPH_MAX_ATOMS if graphed else None))
     return contenders, info
-
-
-def compile_per_atom_chains(model):
-    """`model` with its norms and gated FFNs compiled (torch.compile: their elementwise chains fused)."""
-    for modules in (model.attention_norms, model.ffn_norms, model.ffns):
-        for index, module in enumerate(modules):
-            modules[index] = torch.compile(module)
-    model.final_norm = torch.compile(model.final_norm)
-    return model
 
 
 def force_deviation(step, model, graph: AtomicGraph, mode: str) -> dict:

@@ -641,6 +641,9 @@ if _interpreting():
     _patch_interpreter_loop_bounds()
 
 
+# Opaque to torch.compile (E2FormerV2.compile_blocks compiles around it): the kernels are fused already, and
+# their launch (configuration table, transposed graph) is host code that would only break the traced graph.
+@torch.compiler.disable
 def neighbor_attention(
     query: torch.Tensor,
     key: torch.Tensor,

@@ -458,6 +458,13 @@ class E2FormerV2(nn.Module):
         # less memory in direct mode at 100k-250k atoms for 2-5% of the speed (BENCHMARKS.md).
         self.chunk_atoms = 16384
 
+    def compile_blocks(self) -> "E2FormerV2":
+        """Compile each transformer block with torch.compile (dynamic shapes: one compilation serves
+        every N and E), fusing the per-atom and per-edge elementwise chains around the attention,
+        which runs as it is. Compiles at the first call; returns the model."""
+        self.block = torch.compile(self.block, dynamic=True)
+        return self
+
     def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
         """[N] atomic numbers -> [N] index into config.species; ValueError for unknown elements."""
         index = self.species_index_of[atomic_numbers.clamp(0, 118)]
@@ -499,20 +506,24 @@ class E2FormerV2(nn.Module):
             centre = torch.zeros_like(graph.cell[:, 0]).index_add(0, graph.system_index, positions) / counts[:, None]
             positions = positions - centre[graph.system_index]
         for index in range(cfg.num_blocks):
-            arguments = (index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks)
+            layers = (self.attention_norms[index], self.attentions[index], self.ffn_norms[index], self.ffns[index])
+            arguments = (layers, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks)
             x = checkpoint(self.block, *arguments, use_reentrant=False) if recompute else self.block(*arguments)
         return self.final_norm(x), species
 
-    def block(self, index, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks):
-        """Transformer block `index`: x + Attention(Norm(x)), then + GatedFFN(Norm(.)); [N, (L+1)^2, C].
+    def block(self, layers, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks):
+        """A transformer block: x + Attention(Norm(x)), then + GatedFFN(Norm(.)); [N, (L+1)^2, C].
+
+        `layers` are the block's (attention norm, attention, FFN norm, FFN) modules, passed rather than
+        looked up by block number so that one torch.compile of this method serves every block.
 
         With several target `chunks` the updates go chunk by chunk: in place without autograd, each
         chunk's recomputed in the backward pass with it (recompute_blocks).
         """
-        h = self.attention_norms[index](x)
+        attention_norm, attention, ffn_norm, ffn = layers
+        h = attention_norm(x)
         if system is not None:
             h = torch.cat([h[:, :1] + system[graph.system_index, None, :], h[:, 1:]], dim=1)
-        attention, ffn, ffn_norm = self.attentions[index], self.ffns[index], self.ffn_norms[index]
         if len(chunks) == 1:
             x = x + attention(h, graph, edge_vector, radial_basis, species_pair, positions, create_graph)
             return x + ffn(ffn_norm(x))

@@ -288,3 +288,21 @@ def test_scatter_sum_equals_index_add_and_keeps_only_the_index():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
         ScatterSum.apply(source * 1.0, index, 6)  # the product keeps nothing of size source (scalar factor)
     assert torch.Size([11, 3, 2]) not in kept
+
+
+def test_compiled_blocks_match_the_eager_model_and_leave_the_attention_to_its_kernel(monkeypatch):
+    """compile_blocks (torch.compile, dynamic shapes) computes the same energy, forces and stress at two
+    system sizes, and the attention op stays outside the traced graph: called, not traced, every step."""
+    from e2former_calc.models import e2former
+
+    model = make_model()
+    compiled = make_model().compile_blocks()
+    calls = []
+    attention = e2former.neighbor_attention
+    monkeypatch.setattr(e2former, "neighbor_attention", lambda *a, **k: calls.append(1) or attention(*a, **k))
+    for waters in (8, 12):
+        graph = build_graph([build_water_box(waters, seed=1)], model.config.cutoff, dtype=torch.float64)
+        plain, fused = model(graph, compute_stress=True), compiled(graph, compute_stress=True)
+        for name in ("energy", "forces", "stress"):
+            torch.testing.assert_close(fused[name], plain[name], rtol=1e-10, atol=1e-11)
+    assert len(calls) == 2 * 2 * model.config.num_blocks  # both models, both sizes, every block
