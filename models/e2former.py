@@ -457,12 +457,14 @@ class E2FormerV2(nn.Module):
         # autograd or with recompute_blocks. 16,384 rather than 65,536: on an H200 it held 2.0-2.4x
         # less memory in direct mode at 100k-250k atoms for 2-5% of the speed (BENCHMARKS.md).
         self.chunk_atoms = 16384
+        self.compiled_block = None  # compile_blocks()
 
     def compile_blocks(self) -> "E2FormerV2":
-        """Compile each transformer block with torch.compile (dynamic shapes: one compilation serves
-        every N and E), fusing the per-atom and per-edge elementwise chains around the attention,
-        which runs as it is. Compiles at the first call; returns the model."""
-        self.block = torch.compile(self.block, dynamic=True)
+        """Compile the transformer block with torch.compile (dynamic shapes: one compilation serves
+        every block, N and E), fusing the per-atom and per-edge elementwise chains around the
+        attention, which runs as it is. Used where a system goes through in one piece without
+        recomputation; chunked passes stay eager. Compiles at the first call; returns the model."""
+        self.compiled_block = torch.compile(self.block, dynamic=True)
         return self
 
     def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
@@ -505,10 +507,12 @@ class E2FormerV2(nn.Module):
             counts = torch.bincount(graph.system_index, minlength=graph.num_systems).clamp(min=1)
             centre = torch.zeros_like(graph.cell[:, 0]).index_add(0, graph.system_index, positions) / counts[:, None]
             positions = positions - centre[graph.system_index]
+        compiled = self.compiled_block is not None and not recompute and len(chunks) == 1
+        block = self.compiled_block if compiled else self.block
         for index in range(cfg.num_blocks):
             layers = (self.attention_norms[index], self.attentions[index], self.ffn_norms[index], self.ffns[index])
             arguments = (layers, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks)
-            x = checkpoint(self.block, *arguments, use_reentrant=False) if recompute else self.block(*arguments)
+            x = checkpoint(self.block, *arguments, use_reentrant=False) if recompute else block(*arguments)
         return self.final_norm(x), species
 
     def block(self, layers, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks):
