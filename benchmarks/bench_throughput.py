@@ -267,10 +267,10 @@ def e2former_configs() -> dict:
         "e2former_water_small_graph": E2FormerConfig.from_dict(water),
         "e2former_paper_tf32": E2FormerConfig(cutoff=CUTOFF),
         "e2former_water_small_tf32": E2FormerConfig.from_dict(water),
-        "e2former_paper_compiled": E2FormerConfig(cutoff=CUTOFF),
         "e2former_water_small_compiled": E2FormerConfig.from_dict(water),
-        "e2former_paper_compiled_graph": E2FormerConfig(cutoff=CUTOFF),
         "e2former_water_small_compiled_graph": E2FormerConfig.from_dict(water),
+        "e2former_paper_compiled": E2FormerConfig(cutoff=CUTOFF),
+        "e2former_paper_compiled_graph": E2FormerConfig(cutoff=CUTOFF),
     }
 
 
