@@ -464,7 +464,7 @@ class E2FormerV2(nn.Module):
         every block, N and E), fusing the per-atom and per-edge elementwise chains around the
         attention, which runs as it is. Used where a system goes through in one piece without
         recomputation; chunked passes stay eager. Compiles at the first call; returns the model."""
-        self.compiled_block = torch.compile(self.block, dynamic=True)
+        self.compiled_block = torch.compile(E2FormerV2.block, dynamic=True)  # no self: a deep copy may share it
         return self
 
     def species_index(self, atomic_numbers: torch.Tensor) -> torch.Tensor:
@@ -515,7 +515,8 @@ class E2FormerV2(nn.Module):
             x = checkpoint(self.block, *arguments, use_reentrant=False) if recompute else block(*arguments)
         return self.final_norm(x), species
 
-    def block(self, layers, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks):
+    @staticmethod
+    def block(layers, x, graph, edge_vector, radial_basis, species_pair, positions, system, create_graph, chunks):
         """A transformer block: x + Attention(Norm(x)), then + GatedFFN(Norm(.)); [N, (L+1)^2, C].
 
         `layers` are the block's (attention norm, attention, FFN norm, FFN) modules, passed rather than

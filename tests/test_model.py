@@ -3,6 +3,8 @@
 Tight checks run in float64 on small random-weight models; both value paths are covered.
 """
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -292,7 +294,7 @@ def test_scatter_sum_equals_index_add_and_keeps_only_the_index():
 
 def test_compiled_blocks_match_the_eager_model_and_leave_the_attention_to_its_kernel(monkeypatch):
     """compile_blocks (torch.compile, dynamic shapes) computes the same energy, forces and stress at two
-    system sizes, and the attention op stays outside the traced graph: called, not traced, every step."""
+    system sizes, calling the attention op in every block, and a deep copy runs its own weights."""
     from e2former_calc.models import e2former
 
     model = make_model()
@@ -306,3 +308,10 @@ def test_compiled_blocks_match_the_eager_model_and_leave_the_attention_to_its_ke
         for name in ("energy", "forces", "stress"):
             torch.testing.assert_close(fused[name], plain[name], rtol=1e-10, atol=1e-11)
     assert len(calls) == 2 * 2 * model.config.num_blocks  # both models, both sizes, every block
+    twins = copy.deepcopy(model), copy.deepcopy(compiled)
+    for twin in twins:
+        with torch.no_grad():
+            twin.ffns[0].linear_out.weight.mul_(2.0)
+    changed, fused_changed = (twin(graph)["forces"] for twin in twins)
+    torch.testing.assert_close(fused_changed, changed, rtol=1e-10, atol=1e-11)
+    assert (changed - plain["forces"]).abs().max() > 1e-6
