@@ -33,7 +33,7 @@ Models:
                          step only; everything else FP32)
   e2former_*_compiled    each transformer block compiled by torch.compile around the attention kernel
                          (E2FormerV2.compile_blocks: the per-atom and per-edge elementwise chains fused;
-                         dynamic shapes, compiled at the first step); *_compiled_graph also as a CUDA graph
+                         compiled at the first step of each N); *_compiled_graph also as a CUDA graph
   (for *_tf32 and *_compiled, the forces of one step at each N are compared with the plain model's and
    recorded as force_deviation in the model's info)
   mace                   mace-torch 0.3.16 ScaleShiftMACE, e3nn backend: 128x0e+128x1o,

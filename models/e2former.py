@@ -460,10 +460,12 @@ class E2FormerV2(nn.Module):
         self.compiled_block = None  # compile_blocks()
 
     def compile_blocks(self) -> "E2FormerV2":
-        """Compile the transformer block with torch.compile (dynamic shapes: one compilation serves
-        every block, N and E), fusing the per-atom and per-edge elementwise chains around the
-        attention, which runs as it is. Used where a system goes through in one piece without
-        recomputation; chunked passes stay eager. Compiles at the first call; returns the model."""
+        """Compile the transformer block with torch.compile, fusing the per-atom and per-edge
+        elementwise chains around the attention, which runs as it is. One compilation serves every
+        block and every edge count; each new atom count N (and grad mode) compiles again, at its first
+        call, so it suits MD (fixed N), and past torch._dynamo's recompile limit (8) a new N runs
+        eagerly. Used where a system goes through in one piece without recomputation; chunked passes
+        stay eager. Returns the model."""
         self.compiled_block = torch.compile(E2FormerV2.block, dynamic=True)  # no self: a deep copy may share it
         return self
 

@@ -292,7 +292,7 @@ def test_scatter_sum_equals_index_add_and_keeps_only_the_index():
     assert torch.Size([11, 3, 2]) not in kept
 
 
-def test_compiled_blocks_match_the_eager_model_and_leave_the_attention_to_its_kernel(monkeypatch):
+def test_compiled_blocks_match_the_eager_model_and_call_the_attention_in_every_block(monkeypatch):
     """compile_blocks (torch.compile, dynamic shapes) computes the same energy, forces and stress at two
     system sizes, calling the attention op in every block, and a deep copy runs its own weights."""
     from e2former_calc.models import e2former
